@@ -1,0 +1,30 @@
+"""mergelab: merge checkpoints, choose merge weights, keep old skills, and measure it all."""
+
+from mergelab.errors import MergeError
+
+__version__ = "0.1.0"
+
+
+def merge(config, out_dir, **options):
+    """Merge checkpoints as a mergekit-style config describes and write an HF model dir.
+
+    Args:
+        config: a path to a YAML file, a YAML string, a dict, or a ``MergeConfig``.
+        out_dir: the directory to create. It appears only when the merge succeeded.
+        **options: ``force``, ``threads``, ``device``, ``seed``, ``shard_size``, ``quiet``
+            (see ``mergelab.engine.MergeOptions``).
+
+    Returns:
+        The ``pathlib.Path`` of the merged model directory.
+
+    Example:
+        >>> import mergelab
+        >>> mergelab.merge({"merge_method": "linear",
+        ...                 "models": [{"model": "a"}, {"model": "b"}]}, "out")  # doctest: +SKIP
+    """
+    from mergelab.engine import run_merge
+
+    return run_merge(config, out_dir, **options)
+
+
+__all__ = ["MergeError", "merge", "__version__"]

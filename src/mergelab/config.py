@@ -1,0 +1,139 @@
+"""The merge config: mergekit's YAML format (the common part), validated where it arrives.
+
+Accepted keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
+top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. A parameter value
+may be a scalar, a gradient (a list of numbers interpolated over the layers, first layer to
+last), or a list of ``{filter: substring, value: ...}`` entries where the first entry whose
+filter occurs in the tensor name wins and an entry without a filter is the fallback.
+Per-model parameters given at the top level apply to every model, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mergelab.errors import MergeError
+
+Scalar = Union[bool, int, float, str]
+
+
+class Filtered(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamValue = Union[Scalar, list[float], list[Filtered]]
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = {}
+
+
+class MergeConfig(BaseModel):
+    """A merge, as a mergekit-style YAML describes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[InputModel]
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = {}
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    source_dir: Path | None = None  # where the YAML file lives, to resolve relative model paths
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, exclude={"source_dir"}),
+                              sort_keys=False)
+
+
+def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
+    """Parse a config from a ``MergeConfig``, a dict, a YAML file path, or a YAML string.
+
+    Example:
+        >>> load_config("merge_method: linear\\nmodels: [{model: a}, {model: b}]").merge_method
+        'linear'
+    """
+    if isinstance(source, MergeConfig):
+        return source
+    where = "config"
+    source_dir = None
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and ":" not in source):
+        path = Path(source)
+        if not path.is_file():
+            raise MergeError(f"config file {path} does not exist; check the path")
+        where, source_dir = str(path), path.parent
+        try:
+            source = path.read_text()
+        except UnicodeDecodeError:
+            raise MergeError(f"{path} is not a text file; pass a YAML merge config") from None
+    if isinstance(source, str):
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise MergeError(f"{where} is not valid YAML: {exc}") from None
+    if source is None:
+        raise MergeError(f"{where} is empty; it needs at least merge_method and models")
+    if not isinstance(source, dict):
+        raise MergeError(f"{where} must be a YAML mapping with merge_method and models, not {type(source).__name__}")
+    if "slices" in source:
+        raise MergeError(
+            f"{where} uses 'slices' (layer-wise assembly), which mergelab does not support; "
+            f"list whole models under 'models' instead"
+        )
+    try:
+        config = MergeConfig.model_validate({**source, "source_dir": source_dir})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}" for error in exc.errors()
+        )
+        raise MergeError(f"{where} is not a valid merge config: {problems}") from None
+    if not config.models:
+        raise MergeError(f"{where} lists no models; add at least one under 'models'")
+    return config
+
+
+# -- parameter values per tensor -------------------------------------------------------------
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The transformer block a tensor belongs to (``model.layers.7.mlp...`` -> 7), if any."""
+    match = _LAYER.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """Where a tensor sits from 0 (embeddings, first block) to 1 (last block, final norm, head)."""
+    index = layer_index(tensor_name)
+    if index is None:
+        return 0.0 if ("embed" in tensor_name or "wte" in tensor_name or "wpe" in tensor_name) else 1.0
+    return index / (num_layers - 1) if num_layers > 1 else 0.0
+
+
+def evaluate(value: ParamValue, tensor_name: str, position: float) -> Scalar | None:
+    """The value a (possibly filtered or gradient) setting takes for one tensor; None if no
+    filter matches it."""
+    if isinstance(value, list):
+        if value and isinstance(value[0], Filtered):
+            for entry in value:
+                if entry.filter is None or entry.filter in tensor_name:
+                    return evaluate(entry.value, tensor_name, position)
+            return None
+        if not value:
+            return None
+        if len(value) == 1:
+            return float(value[0])
+        scaled = position * (len(value) - 1)
+        low = min(int(scaled), len(value) - 2)
+        frac = scaled - low
+        return float(value[low]) * (1 - frac) + float(value[low + 1]) * frac
+    return value

@@ -1,0 +1,432 @@
+"""The one merge engine: validate everything, then stream tensor by tensor.
+
+``plan_merge`` opens every checkpoint's headers and checks names, shapes, vocab sizes,
+integer buffers, parameter ranges and model counts before a single tensor is merged.
+``execute`` then reads, for one tensor name at a time, the N+1 input tensors, calls the pure
+method, casts once and hands the result to a writer whose layout was fixed up front, inside
+a temporary directory that is renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mergelab.config import MergeConfig, evaluate, layer_index, layer_position, load_config
+from mergelab.errors import MergeError
+from mergelab.io import (
+    CheckpointReader,
+    ShardedWriter,
+    atomic_directory,
+    check_output_dir,
+    copy_support_files,
+    parse_dtype,
+    parse_size,
+    resolve_model,
+)
+from mergelab.methods import IGNORED_PARAMS, MergeMethod, get_method
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
+                   "spiece", "sentencepiece")
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (the config says *what* to merge).
+
+    Args:
+        force: replace an existing output directory (only once the merge has succeeded).
+        threads: tensors merged concurrently (each holds about N+1 float32 tensors).
+        device: "cpu", "cuda", "cuda:1", "mps": where the arithmetic runs.
+        seed: seed of DARE's random masks.
+        shard_size: maximum bytes per output shard ("5GB", "500MB", or an int).
+        quiet: no progress bar.
+    """
+
+    force: bool = False
+    threads: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    shard_size: str | int = "5GB"
+    quiet: bool = False
+
+
+@dataclass
+class Source:
+    """One input model of the merge."""
+
+    ref: str
+    reader: CheckpointReader
+    parameters: dict[str, Any]
+
+
+@dataclass
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    params: dict[str, Any] | None  # None: copied from the reference model (integer/bool buffers)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    base: Source | None
+    experts: list[Source]
+    fishers: list[CheckpointReader] | None
+    jobs: list[TensorJob]
+    out_dir: Path
+    support_dir: Path
+    tokenizer_dir: Path | None
+    compute_dtype: torch.dtype
+    options: MergeOptions
+    readers: list[CheckpointReader] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Source:
+        return self.base or self.experts[0]
+
+    def close(self) -> None:
+        for reader in self.readers + (self.fishers or []):
+            reader.close()
+
+
+def run_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, **options: Any) -> Path:
+    """Validate and run a merge; see ``mergelab.merge``."""
+    unknown = set(options) - set(MergeOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown merge options {sorted(unknown)}")
+    plan = plan_merge(config, out_dir, MergeOptions(**options))
+    try:
+        return execute(plan)
+    finally:
+        plan.close()
+
+
+# -- planning --------------------------------------------------------------------------------
+def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, options: MergeOptions) -> MergePlan:
+    """Check everything that can be checked without merging, and fix the work to do."""
+    cfg = load_config(config)
+    method = get_method(cfg.merge_method)
+    _check_options(options)
+    base_entry, expert_entries = _assign_roles(cfg, method)
+    _check_parameter_names(cfg, method)
+
+    readers: dict[Path, CheckpointReader] = {}
+
+    def open_source(ref: str, parameters: dict[str, Any]) -> Source:
+        path = _locate(ref, cfg)
+        if path not in readers:
+            readers[path] = CheckpointReader(path, label=ref)
+        return Source(ref, readers[path], parameters)
+
+    base = open_source(base_entry, {}) if base_entry is not None else None
+    experts = [open_source(entry.model, entry.parameters) for entry in expert_entries]
+    sources = ([base] if base else []) + experts
+    check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
+
+    _check_tensors(sources)
+    fishers = _open_fishers(experts, cfg) if method.uses_fisher else None
+    compute_dtype, out_dtype = _dtypes(cfg)
+    reference = sources[0]
+    num_layers = _num_layers(reference.reader)
+
+    jobs = []
+    names = sorted(reference.reader.tensors, key=lambda n: _storage_order(reference.reader, n))
+    for name in names:
+        info = reference.reader.tensors[name]
+        if not info.dtype.is_floating_point:
+            jobs.append(TensorJob(name, info.shape, info.dtype, None))
+            continue
+        params = _tensor_params(method, cfg, experts, name, layer_position(name, num_layers))
+        jobs.append(TensorJob(name, info.shape, out_dtype or info.dtype, params))
+
+    tokenizer_dir = None
+    if cfg.tokenizer_source is not None:
+        if cfg.tokenizer_source == "union":
+            raise MergeError("tokenizer_source 'union' (merging vocabularies) is not supported; name one model")
+        tokenizer_dir = base.reader.path if cfg.tokenizer_source == "base" and base else _locate(cfg.tokenizer_source, cfg)
+    return MergePlan(cfg, method, base, experts, fishers, jobs, Path(out_dir), reference.reader.path,
+                     tokenizer_dir, compute_dtype, options, list(readers.values()))
+
+
+def _check_options(options: MergeOptions) -> None:
+    if options.threads < 1:
+        raise MergeError(f"--threads must be at least 1, got {options.threads}")
+    parse_size(options.shard_size)
+    try:
+        device = torch.device(options.device)
+    except RuntimeError:
+        raise MergeError(f"--device '{options.device}' is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {options.device}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeError(f"--device {options.device}: MPS is not available here; use --device cpu")
+
+
+def _assign_roles(cfg: MergeConfig, method: MergeMethod):
+    refs = [entry.model for entry in cfg.models]
+    base = cfg.base_model
+    if method.uses_base:
+        if base is None and method.name == "slerp" and len(cfg.models) == 2:
+            base, refs = refs[0], refs  # slerp: the first endpoint is the base
+        if base is None:
+            raise MergeError(
+                f"{method.name} needs base_model (the model the others were fine-tuned from); add base_model: ..."
+            )
+        experts = [entry for entry in cfg.models if entry.model != base]
+    else:
+        if base is not None and base not in refs:
+            raise MergeError(
+                f"{method.name} does not use base_model '{base}'; list it under models (with a weight) "
+                f"if it should take part, or remove base_model"
+            )
+        base, experts = None, list(cfg.models)
+    count = len(experts)
+    if method.name == "slerp" and count != 1:
+        raise MergeError(f"slerp merges exactly two models (base_model and one other); got {count + 1}")
+    if count < method.min_models:
+        what = "models besides base_model" if method.uses_base else "models"
+        raise MergeError(f"{method.name} needs at least {method.min_models} {what}; got {count}")
+    if method.max_models is not None and count > method.max_models:
+        raise MergeError(f"{method.name} takes at most {method.max_models} models; got {count}")
+    return base, experts
+
+
+def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
+    valid = {p.name for p in method.params}
+    for name in cfg.parameters:
+        if name not in valid:
+            raise MergeError(
+                f"parameter '{name}' is not used by {method.name}; its parameters are: {', '.join(sorted(valid))}"
+            )
+    per_model = {p.name for p in method.params if p.per_model}
+    for entry in cfg.models:
+        for name in entry.parameters:
+            if name not in per_model:
+                hint = "put it under the top-level parameters" if name in valid else \
+                    f"per-model parameters of {method.name} are: {', '.join(sorted(per_model)) or 'none'}"
+                raise MergeError(f"parameter '{name}' of model '{entry.model}' is not per-model; {hint}")
+
+
+def _locate(ref: str, cfg: MergeConfig) -> Path:
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and not path.exists() and cfg.source_dir is not None:
+        beside = cfg.source_dir / path
+        if beside.exists():
+            return beside
+    return resolve_model(ref)
+
+
+def _check_tensors(sources: list[Source]) -> None:
+    reference = sources[0]
+    names = set(reference.reader.tensors)
+    for source in sources[1:]:
+        other = set(source.reader.tensors)
+        if other == names:
+            continue
+        for missing_from, present_in, missing in ((source, reference, names - other),
+                                                  (reference, source, other - names)):
+            if missing:
+                name = sorted(missing)[0]
+                tied = " (one model ties lm_head to the embeddings, the other does not)" if "lm_head" in name else ""
+                raise MergeError(
+                    f"tensor '{name}' is in model '{present_in.ref}' but missing from model '{missing_from.ref}'"
+                    f"{tied} ({len(missing)} such tensors); all models must share one architecture"
+                )
+    for name, info in reference.reader.tensors.items():
+        for source in sources[1:]:
+            other = source.reader.tensors[name]
+            if other.shape != info.shape:
+                raise MergeError(_shape_message(name, reference, source, info.shape, other.shape))
+            if other.dtype.is_floating_point != info.dtype.is_floating_point:
+                raise MergeError(
+                    f"tensor '{name}' is {info.dtype} in model '{reference.ref}' but {other.dtype} in model "
+                    f"'{source.ref}'; the models must share one architecture"
+                )
+        if not info.dtype.is_floating_point and len(sources) > 1:
+            value = reference.reader.get(name)
+            for source in sources[1:]:
+                if not torch.equal(value, source.reader.get(name).to(value.dtype)):
+                    raise MergeError(
+                        f"integer tensor '{name}' differs between model '{reference.ref}' and model "
+                        f"'{source.ref}'; integer buffers are copied, not merged, so they must be identical"
+                    )
+
+
+def _vocab_size(source: Source) -> int | None:
+    config = source.reader.config or {}
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+def _shape_message(name, reference, source, shape_a, shape_b) -> str:
+    vocab_a, vocab_b = _vocab_size(reference), _vocab_size(source)
+    rows_differ = len(shape_a) == len(shape_b) and shape_a[0] != shape_b[0] and shape_a[1:] == shape_b[1:]
+    if rows_differ and (("embed" in name or "lm_head" in name or "wte" in name)
+                        or (vocab_a and vocab_b and vocab_a != vocab_b)):
+        return (
+            f"vocab size mismatch: tensor '{name}' has {shape_a[0]} rows in model '{reference.ref}' "
+            f"(config vocab_size {vocab_a}) but {shape_b[0]} in model '{source.ref}' (vocab_size {vocab_b}); "
+            f"the models use different vocabularies. Resize the embeddings to one tokenizer "
+            f"(model.resize_token_embeddings) before merging"
+        )
+    return (
+        f"tensor '{name}' has shape {tuple(shape_a)} in model '{reference.ref}' but {tuple(shape_b)} in model "
+        f"'{source.ref}'; all models must share one architecture"
+    )
+
+
+def _open_fishers(experts: list[Source], cfg: MergeConfig) -> list[CheckpointReader]:
+    fishers = []
+    for source in experts:
+        path = source.parameters.get("fisher", cfg.parameters.get("fisher"))
+        if not isinstance(path, str):
+            raise MergeError(
+                f"model '{source.ref}' needs parameters.fisher: the path of its Fisher file "
+                f"(make one with `mergelab fisher`)"
+            )
+        reader = CheckpointReader(_locate(path, cfg), label=f"fisher of {source.ref}")
+        for name, info in source.reader.tensors.items():
+            if not info.dtype.is_floating_point:
+                continue
+            found = reader.tensors.get(name)
+            if found is None:
+                raise MergeError(f"Fisher file {reader.path} has no tensor '{name}' for model '{source.ref}'; "
+                                 f"re-estimate it for this model")
+            if found.shape != info.shape:
+                raise MergeError(f"Fisher file {reader.path}: tensor '{name}' has shape {found.shape}, model "
+                                 f"'{source.ref}' has {info.shape}")
+        fishers.append(reader)
+    return fishers
+
+
+def _dtypes(cfg: MergeConfig) -> tuple[torch.dtype, torch.dtype | None]:
+    dtype = parse_dtype(cfg.dtype, "dtype")
+    out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") or dtype
+    compute = torch.float64 if torch.float64 in (dtype, out_dtype) else torch.float32
+    return compute, out_dtype
+
+
+def _num_layers(reader: CheckpointReader) -> int:
+    config = reader.config or {}
+    count = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if count:
+        return int(count)
+    indices = [layer_index(name) for name in reader.tensors]
+    return max((i for i in indices if i is not None), default=0) + 1
+
+
+def _storage_order(reader: CheckpointReader, name: str):
+    info = reader.tensors[name]
+    return (str(info.file), info.offsets[0] if info.offsets else 0, name)
+
+
+def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source], name: str,
+                   position: float) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for param in method.params:
+        if param.name in IGNORED_PARAMS or param.name == "fisher":
+            continue
+        if param.per_model:
+            values = []
+            for source in experts:
+                setting = source.parameters.get(param.name)
+                value = evaluate(setting, name, position) if setting is not None else None
+                if value is None and param.name in cfg.parameters:
+                    value = evaluate(cfg.parameters[param.name], name, position)
+                value = param.default if value is None else value
+                values.append(param.check(value, f"of model '{source.ref}' for tensor '{name}'"))
+            params[param.name] = values
+        else:
+            value = evaluate(cfg.parameters[param.name], name, position) if param.name in cfg.parameters else None
+            params[param.name] = param.check(param.default if value is None else value, f"for tensor '{name}'")
+    _check_weight_sums(method, params, name)
+    return params
+
+
+def _check_weight_sums(method: MergeMethod, params: dict[str, Any], name: str) -> None:
+    weights = params.get("weight")
+    if weights is None:
+        return
+    if method.name == "linear" and params.get("normalize") and abs(sum(weights)) < 1e-12:
+        raise MergeError(f"linear weights {weights} sum to zero for tensor '{name}' and normalize is on; "
+                         f"change the weights or set normalize: false")
+    if method.name == "lm_cocktail" and sum(weights[1:]) <= 0:
+        raise MergeError(f"lm_cocktail: the weights of the models after the first sum to zero for tensor '{name}'; "
+                         f"give at least one candidate a positive weight")
+    if method.name == "fisher" and sum(weights) <= 0:
+        raise MergeError(f"fisher weights {weights} sum to zero for tensor '{name}'; give a model a positive weight")
+
+
+# -- execution -------------------------------------------------------------------------------
+def execute(plan: MergePlan) -> Path:
+    """Run a validated plan; returns the output directory."""
+    options = plan.options
+    device = torch.device(options.device)
+    with atomic_directory(plan.out_dir, options.force) as tmp:
+        writer = ShardedWriter(tmp, [(j.name, j.shape, j.out_dtype) for j in plan.jobs],
+                               parse_size(options.shard_size))
+        progress = tqdm(total=len(plan.jobs), unit="tensor", desc=f"{plan.method.name}", disable=options.quiet)
+        try:
+            def run(job: TensorJob) -> None:
+                writer.write(job.name, _merge_tensor(plan, job, device))
+                progress.update(1)
+
+            if options.threads == 1:
+                for job in plan.jobs:
+                    run(job)
+            else:
+                with ThreadPoolExecutor(options.threads) as pool:
+                    futures = [pool.submit(run, job) for job in plan.jobs]
+                    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+                    for future in pending:
+                        future.cancel()
+                    for future in done:
+                        future.result()
+        finally:
+            progress.close()
+            writer.close()
+        writer.finish()
+        float_dtypes = {job.out_dtype for job in plan.jobs if job.params is not None}
+        copy_support_files(plan.support_dir, tmp, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        if plan.tokenizer_dir is not None:
+            _copy_tokenizer(plan.tokenizer_dir, tmp)
+        (tmp / "mergelab_config.yml").write_text(plan.config.to_yaml())
+    return plan.out_dir
+
+
+def _load(source_reader: CheckpointReader, name: str, device: torch.device, dtype: torch.dtype,
+          label: str) -> torch.Tensor:
+    tensor = source_reader.get(name).to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise MergeError(f"{label}: tensor '{name}' contains {bad} NaN/Inf values; fix or re-export that checkpoint")
+    return tensor
+
+
+def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    if job.params is None:
+        return plan.reference.reader.get(job.name)
+    dtype = plan.compute_dtype
+    base = _load(plan.base.reader, job.name, device, dtype, f"model '{plan.base.ref}'") if plan.base else None
+    tensors = [_load(s.reader, job.name, device, dtype, f"model '{s.ref}'") for s in plan.experts]
+    extra: dict[str, Any] = {}
+    if plan.method.uses_seed:
+        extra.update(seed=plan.options.seed, key=job.name)
+    if plan.fishers is not None:
+        extra["fisher"] = [_load(reader, job.name, device, dtype, reader.label) for reader in plan.fishers]
+    merged = plan.method(tensors, base, **job.params, **extra)
+    return merged.to(dtype=job.out_dtype).cpu()
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for item in source.iterdir():
+        if item.is_file() and item.name.startswith(TOKENIZER_FILES):
+            shutil.copy2(item, target / item.name)

@@ -1,0 +1,110 @@
+"""The merge methods, one registry. Each entry points at the paper its formula comes from.
+
+Example:
+    >>> from mergelab.methods import METHODS
+    >>> merged = METHODS["ties"]([expert_a, expert_b], base, weight=[1, 1], density=[0.2, 0.2],
+    ...                          normalize=True, **{"lambda": 1.0})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from mergelab.errors import MergeError
+from mergelab.methods.base import MergeMethod, Param
+from mergelab.methods.linear import fisher, linear, lm_cocktail
+from mergelab.methods.model_stock import model_stock
+from mergelab.methods.slerp import slerp
+from mergelab.methods.task_arithmetic import generalized_task_arithmetic
+
+WEIGHT = Param("weight", 1.0, per_model=True, help="model's weight w_i")
+LAMBDA = Param("lambda", 1.0, help="scale λ of the combined task vector")
+INT8_MASK = Param("int8_mask", False, kind=bool, help="accepted for mergekit configs; masks are always int8")
+
+
+def _density(default: float) -> Param:
+    return Param("density", default, per_model=True, low=0.0, high=1.0, low_open=True,
+                 help="fraction of each task vector kept")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, kind=bool, help="divide by the sum of the weights that took part")
+
+
+def _task_method(name: str, paper: str, summary: str, *, sparsify: str | None, consensus: str | None,
+                 density: float | None, normalize: bool) -> MergeMethod:
+    params = [WEIGHT, LAMBDA, _normalize(normalize), INT8_MASK]
+    if density is not None:
+        params.append(_density(density))
+    if sparsify == "random":
+        params.append(Param("rescale", True, kind=bool, help="rescale DARE survivors by 1/density"))
+    return MergeMethod(
+        name, generalized_task_arithmetic, tuple(params), paper, uses_base=True,
+        uses_seed=sparsify == "random", summary=summary,
+        extra={"sparsify": sparsify, "consensus": consensus},
+    )
+
+
+METHODS: dict[str, MergeMethod] = {
+    "linear": MergeMethod(
+        "linear", linear, (WEIGHT, _normalize(True)),
+        "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+        summary="weighted average Σ w_i θ_i",
+    ),
+    "task_arithmetic": _task_method(
+        "task_arithmetic", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
+        "θ_b + λ Σ w_i τ_i", sparsify=None, consensus=None, density=None, normalize=False,
+    ),
+    "ties": _task_method(
+        "ties", "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+        "trim top-k |τ|, elect sign, disjoint mean", sparsify="magnitude", consensus="sign",
+        density=0.2, normalize=True,
+    ),
+    "dare_linear": _task_method(
+        "dare_linear", "Yu et al. 2024, Language models are Super Mario / DARE (arXiv:2311.03099)",
+        "random drop + 1/density rescale, then task arithmetic", sparsify="random", consensus=None,
+        density=0.1, normalize=False,
+    ),
+    "dare_ties": _task_method(
+        "dare_ties", "Yu et al. 2024, DARE (arXiv:2311.03099) + TIES sign election",
+        "random drop + 1/density rescale, then TIES elect and disjoint mean", sparsify="random",
+        consensus="sign", density=0.1, normalize=True,
+    ),
+    "slerp": MergeMethod(
+        "slerp", slerp, (Param("t", 0.5, low=0.0, high=1.0, help="0 = base_model, 1 = the other model"),),
+        "Shoemake 1985; as popularised by mergekit", uses_base=True, min_models=1, max_models=1,
+        summary="spherical interpolation between two models",
+    ),
+    "model_stock": MergeMethod(
+        "model_stock", model_stock,
+        (Param("filter_wise", False, kind=bool, help="one ratio per output row instead of per tensor"),),
+        "Jang et al. 2024, Model Stock (arXiv:2403.19522)", uses_base=True, min_models=2,
+        summary="t·avg(θ_i) + (1−t)·θ_b, t from task-vector cosines",
+    ),
+    "fisher": MergeMethod(
+        "fisher", fisher,
+        (Param("weight", 1.0, per_model=True, low=0.0, help="model's weight w_i"),
+         Param("epsilon", 1e-8, low=0.0, low_open=True, help="added to every Fisher value"),
+         Param("fisher", None, per_model=True, kind=str, help="path of the model's Fisher file")),
+        "Matena & Raffel 2022, Merging models with Fisher-weighted averaging (arXiv:2111.09832)",
+        uses_fisher=True, summary="Σ F_i θ_i / Σ F_i",
+    ),
+    "lm_cocktail": MergeMethod(
+        "lm_cocktail", lm_cocktail,
+        (Param("weight", 1.0, per_model=True, low=0.0, help="candidate's weight w_i (normalized)"),
+         Param("alpha", 0.5, low=0.0, high=1.0, help="weight of the fine-tuned model (models[0])")),
+        "Xiao et al. 2024, LM-Cocktail (arXiv:2311.13534), Eq. 1", min_models=2,
+        summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model",
+    ),
+}
+
+IGNORED_PARAMS = {"int8_mask"}
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name, with the list of valid names in the error."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "MergeMethod", "Param", "get_method", "IGNORED_PARAMS"]

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny Llama checkpoints written as real Hugging Face model directories."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelab.demo.tiny import build_tokenizer, tiny_llama
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A copy of ``model`` with every float parameter moved by seeded Gaussian noise."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return other
+
+
+def save_model(model, directory: Path, max_shard_size: str | None = None, safe: bool = True) -> Path:
+    """Save ``model`` and the demo tokenizer as an HF model dir (optionally sharded / as .bin)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if safe:
+        model.save_pretrained(directory, **kwargs)
+    else:  # a legacy PyTorch checkpoint
+        model.config.save_pretrained(directory)
+        state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"
+                 or not model.config.tie_word_embeddings}
+        torch.save(state, directory / "pytorch_model.bin")
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, Path]:
+    """A base and three experts (base + noise), tied embeddings; expert 'c' is sharded."""
+    root = tmp_path_factory.mktemp("tiny_world")
+    base = tiny_llama(seed=0)
+    paths = {"base": save_model(base, root / "base")}
+    for index, name in enumerate("abc"):
+        shard = "20KB" if name == "c" else None
+        paths[name] = save_model(perturbed(base, seed=index + 1), root / name, max_shard_size=shard)
+    return paths
+
+
+@pytest.fixture
+def world(tiny_world) -> dict[str, str]:
+    return {k: str(v) for k, v in tiny_world.items()}
