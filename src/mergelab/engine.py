@@ -175,7 +175,10 @@ def _assign_roles(cfg: MergeConfig, method: MergeMethod):
     refs = [entry.model for entry in cfg.models]
     base = cfg.base_model
     if method.uses_base:
-        if base is None and method.name == "slerp" and len(cfg.models) == 2:
+        if base is None and method.name == "slerp":
+            if len(cfg.models) != 2:
+                raise MergeError(f"slerp merges exactly two models (base_model and one other); "
+                                 f"got {len(cfg.models)} under models")
             base, refs = refs[0], refs  # slerp: the first endpoint is the base
         if base is None:
             raise MergeError(
@@ -405,7 +408,9 @@ def execute(plan: MergePlan) -> Path:
 def _load(source_reader: CheckpointReader, name: str, device: torch.device, dtype: torch.dtype,
           label: str) -> torch.Tensor:
     tensor = source_reader.get(name).to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(tensor).all()):
+    # One reduction, no mask allocated: NaN/Inf propagate into the sum (finite weights cannot
+    # overflow float32 here); only a bad sum pays for the exact count.
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise MergeError(f"{label}: tensor '{name}' contains {bad} NaN/Inf values; fix or re-export that checkpoint")
     return tensor

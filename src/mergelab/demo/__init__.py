@@ -66,6 +66,9 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, seed: int =
     from mergelab import merge
     from mergelab.fisher import estimate_fisher
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per loaded tiny model is noise here
     out = Path(out)
     log = (lambda *_: None) if quiet else print
     started = time.perf_counter()
