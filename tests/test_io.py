@@ -164,3 +164,41 @@ def test_parse_dtype_aliases_and_errors():
     assert parse_dtype("torch.float16") is torch.float16
     with pytest.raises(MergeError, match="float32, float16, bfloat16"):
         parse_dtype("int8")
+
+
+def test_hub_ids_are_fetched_through_huggingface_hub(monkeypatch, tiny_world):
+    """No network in tests: the hub client is replaced by one that serves a local snapshot."""
+    import huggingface_hub
+
+    from mergelab.io import resolve_model
+
+    calls = {}
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, revision=None):
+            calls["listed"] = (repo_id, revision)
+            return ["config.json", "model.safetensors", "pytorch_model.bin"]
+
+    def fake_download(repo_id, revision=None, ignore_patterns=()):
+        calls["downloaded"] = (repo_id, revision, tuple(ignore_patterns))
+        return str(tiny_world["a"])
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert resolve_model("someorg/some-model@v1") == tiny_world["a"]
+    assert calls["listed"] == ("someorg/some-model", "v1")
+    assert "*.bin" in calls["downloaded"][2]  # safetensors present: skip the .bin duplicates
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    from mergelab.io import resolve_model
+
+    class OfflineApi:
+        def list_repo_files(self, repo_id, revision=None):
+            raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    with pytest.raises(MergeError, match="could not be fetched from the Hugging Face Hub"):
+        resolve_model("someorg/missing-model")

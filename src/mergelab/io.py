@@ -99,6 +99,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MergeError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
+                         f"re-download or re-save it")
     data_start = 8 + header_len
     data_len = size - data_start
     tensors = {}
