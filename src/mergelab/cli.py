@@ -77,6 +77,26 @@ def fisher(model_dir, data, out, samples, max_length, device, force) -> None:
     click.echo(f"Fisher written to {path}")
 
 
+@main.command(name="eval")
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tasks", "tasks", required=True, type=click.Path(path_type=Path), help="Tasks YAML/JSON file.")
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="results.json or results.csv")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+def evaluate(model_dirs, tasks, out, batch_size, device, quiet) -> None:
+    """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file."""
+    from mergelab.evaluate import evaluate_models, load_tasks
+
+    rows = evaluate_models(model_dirs, load_tasks(tasks), out=out, batch_size=batch_size, device=device,
+                           progress=not quiet)
+    width = max(len(r["model"]) for r in rows)
+    for row in rows:
+        click.echo(f"{row['model']:{width}}  {row['task']:24} {row['metric']:12} {row['score']:.4f}")
+    if out:
+        click.echo(f"results written to {out}")
+
+
 @main.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""

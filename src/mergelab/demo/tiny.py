@@ -29,10 +29,13 @@ def build_tokenizer():
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
     core.pre_tokenizer = WhitespaceSplit()
+    # like Llama's tokenizer: encoding adds BOS unless add_special_tokens=False
+    core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
 
@@ -65,7 +68,7 @@ def encode(tokenizer, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]
     """Batch of ``<s> input output </s>`` with labels only on the output and EOS (-100 elsewhere)."""
     rows, label_rows = [], []
     for example in examples:
-        prompt = [tokenizer.bos_token_id] + tokenizer(example["input"], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(example["input"])["input_ids"]  # starts with BOS
         answer = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         label_rows.append([-100] * len(prompt) + answer)

@@ -1,0 +1,150 @@
+"""Evaluate models on tasks: one model in memory at a time, results as rows (JSON/CSV)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergelab.errors import MergeError
+from mergelab.evaluate.decoder import example_losses, generate, rank_choices
+from mergelab.evaluate.encoder import rank_corpus
+from mergelab.evaluate.metrics import RANKING_METRICS, best_over_references
+from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
+
+RESULT_FIELDS = ("model", "task", "category", "split", "kind", "metric", "score", "higher_is_better", "n")
+
+
+def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, device=None,
+                  pooling: str = "cls") -> float:
+    """The task's metric for one loaded model (higher is better unless the metric is a loss).
+
+    ``pooling`` is the default for retrieval tasks whose options don't name one."""
+    options = dict(task.options)
+    if task.kind == "rank_classification":
+        scores = rank_choices(model, tokenizer, task.examples, batch_size=batch_size, device=device,
+                              length_normalize=bool(options.get("length_normalize", False)),
+                              separator=options.get("separator", " "), max_length=options.get("max_length", 2048))
+        hits = [max(range(len(s)), key=s.__getitem__) == answer_index(e) for s, e in zip(scores, task.examples)]
+        return sum(hits) / len(hits)
+    if task.kind == "generation":
+        predictions = generate(model, tokenizer, [e["input"] for e in task.examples], batch_size=batch_size,
+                               max_new_tokens=int(options.get("max_new_tokens", 32)),
+                               stop=options.get("stop", ["\n"]), device=device)
+        values = [best_over_references(task.metric, p, e.get("outputs") or [e["output"]])
+                  for p, e in zip(predictions, task.examples)]
+        return sum(values) / len(values)
+    if task.kind == "loss":
+        losses = example_losses(model, tokenizer, task.examples, batch_size=batch_size, device=device,
+                                max_length=options.get("max_length", 2048))
+        if task.metric == "perplexity":  # token-weighted, as perplexity is defined
+            total = sum(loss * count for loss, count in losses)
+            return float(torch.tensor(total / sum(count for _, count in losses)).exp())
+        return sum(loss for loss, _ in losses) / len(losses)
+    name, k = metric_k(task.metric)
+    rankings = rank_corpus(model, tokenizer, task.queries, task.corpus, top_k=max(k, 10), device=device,
+                           pooling=options.get("pooling", pooling), batch_size=batch_size,
+                           max_length=options.get("max_length", 512))
+    values = [RANKING_METRICS[name](rankings[q], task.qrels[q], k) for q in task.qrels]
+    return sum(values) / len(values)
+
+
+def check_tokenizer(model, tokenizer, where: str) -> None:
+    """A tokenizer that emits ids the model has no embedding for is the wrong tokenizer."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise MergeError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+                         f"embeddings; the tokenizer does not belong to this model")
+
+
+def evaluate_model(model, tokenizer, tasks: Sequence[Task], *, batch_size: int = 16, device=None,
+                   progress: bool = False, pooling: str = "cls") -> dict[str, float]:
+    """``{task name: score}`` for a loaded transformers model.
+
+    Example:
+        >>> scores = evaluate_model(model, tokenizer, load_tasks("tasks.yml"))  # doctest: +SKIP
+    """
+    check_tokenizer(model, tokenizer, "model")
+    model.eval()
+    return {task.name: evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device, pooling=pooling)
+            for task in tqdm(tasks, desc="tasks", disable=not progress)}
+
+
+def pooling_of(model_dir: str | Path) -> str:
+    """The pooling a sentence-transformers directory declares (1_Pooling/config.json), else "cls"."""
+    config = Path(model_dir) / "1_Pooling" / "config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        if settings.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
+
+
+def load_for_tasks(model_dir: str | Path, tasks: Sequence[Task], device: str = "cpu", dtype=torch.float32):
+    """Load a decoder (AutoModelForCausalLM) or an encoder (AutoModel, for retrieval tasks)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    retrieval = {t.kind == "retrieval" for t in tasks}
+    if len(retrieval) > 1:
+        raise MergeError("retrieval tasks (encoders) and decoder tasks cannot be evaluated on one model in "
+                         "one call; split the tasks file")
+    path = Path(model_dir)
+    if not path.exists():
+        raise MergeError(f"model directory {path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        loader = AutoModel if retrieval == {True} else AutoModelForCausalLM
+        model = loader.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"cannot load model {path} with transformers: {exc}") from None
+    check_tokenizer(model, tokenizer, str(path))
+    return model, tokenizer
+
+
+def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | str | Path, *,
+                    out: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
+                    progress: bool = True) -> list[dict]:
+    """Evaluate several model directories (loaded one at a time) on the same tasks.
+
+    Returns one row per (model, task) with the fields of ``RESULT_FIELDS``, and writes them
+    to ``out`` (``.json`` or ``.csv``) when given.
+    """
+    if not isinstance(tasks, (list, tuple)):
+        tasks = load_tasks(tasks)
+    for model_dir in model_dirs:  # fail before the first (slow) load
+        if not Path(model_dir).exists():
+            raise MergeError(f"model directory {model_dir} does not exist")
+    rows = []
+    for model_dir in model_dirs:
+        model, tokenizer = load_for_tasks(model_dir, tasks, device=device)
+        scores = evaluate_model(model, tokenizer, tasks, batch_size=batch_size, device=device, progress=progress,
+                                pooling=pooling_of(model_dir))
+        del model
+        for task in tasks:
+            rows.append({"model": str(model_dir), "task": task.name, "category": task.category, "split": task.split,
+                         "kind": task.kind, "metric": task.metric, "score": scores[task.name],
+                         "higher_is_better": task.higher_is_better, "n": task.size})
+    if out is not None:
+        write_rows(rows, out)
+    return rows
+
+
+def write_rows(rows: list[dict], out: str | Path, fields: Sequence[str] | None = None) -> Path:
+    """Write rows as JSON (``.json``) or CSV (anything else), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    if out.suffix == ".json":
+        partial.write_text(json.dumps(rows, indent=2) + "\n")
+    else:
+        with open(partial, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(fields or (rows[0].keys() if rows else RESULT_FIELDS)))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(partial, out)
+    return out
