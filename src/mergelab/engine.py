@@ -132,14 +132,14 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     sources = ([base] if base else []) + experts
     check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
 
-    _check_tensors(sources)
+    skipped = _check_tensors(sources)
     fishers = _open_fishers(experts, cfg) if method.uses_fisher else None
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
     num_layers = _num_layers(reference.reader)
 
     jobs = []
-    names = sorted(reference.reader.tensors, key=lambda n: _storage_order(reference.reader, n))
+    names = sorted(set(reference.reader.tensors) - skipped, key=lambda n: _storage_order(reference.reader, n))
     for name in names:
         info = reference.reader.tensors[name]
         if not info.dtype.is_floating_point:
@@ -228,15 +228,29 @@ def _locate(ref: str, cfg: MergeConfig) -> Path:
     return resolve_model(ref)
 
 
-def _check_tensors(sources: list[Source]) -> None:
+# Buffers that transformers rebuilds at load time and that older versions used to save:
+# checkpoints of one model saved by different versions differ only by them.
+REBUILT_BUFFERS = ("position_ids",)
+
+
+def _rebuilt_buffer(reader: CheckpointReader, name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in REBUILT_BUFFERS and not reader.tensors[name].dtype.is_floating_point
+
+
+def _check_tensors(sources: list[Source]) -> set[str]:
+    """Check names, shapes, dtypes and integer buffers agree; return the names to leave out
+    (legacy ``position_ids`` buffers some of the checkpoints carry and others don't)."""
     reference = sources[0]
     names = set(reference.reader.tensors)
+    skipped: set[str] = set()
     for source in sources[1:]:
         other = set(source.reader.tensors)
         if other == names:
             continue
         for missing_from, present_in, missing in ((source, reference, names - other),
                                                   (reference, source, other - names)):
+            skipped |= {n for n in missing if _rebuilt_buffer(present_in.reader, n)}
+            missing = missing - skipped
             if missing:
                 name = sorted(missing)[0]
                 tied = " (one model ties lm_head to the embeddings, the other does not)" if "lm_head" in name else ""
@@ -244,7 +258,9 @@ def _check_tensors(sources: list[Source]) -> None:
                     f"tensor '{name}' is in model '{present_in.ref}' but missing from model '{missing_from.ref}'"
                     f"{tied} ({len(missing)} such tensors); all models must share one architecture"
                 )
-    for name, info in reference.reader.tensors.items():
+    names -= skipped
+    for name in sorted(names):
+        info = reference.reader.tensors[name]
         for source in sources[1:]:
             other = source.reader.tensors[name]
             if other.shape != info.shape:
@@ -262,6 +278,7 @@ def _check_tensors(sources: list[Source]) -> None:
                         f"integer tensor '{name}' differs between model '{reference.ref}' and model "
                         f"'{source.ref}'; integer buffers are copied, not merged, so they must be identical"
                     )
+    return skipped
 
 
 def _vocab_size(source: Source) -> int | None:

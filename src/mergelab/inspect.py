@@ -39,7 +39,7 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
         raise MergeError(f"--density must be in (0, 1], got {density}")
     labels = [str(m) for m in models]
     sources = [Source(str(ref), CheckpointReader(resolve_model(ref), label=str(ref)), {}) for ref in [base, *models]]
-    _check_tensors(sources)
+    skipped = _check_tensors(sources)
     base_source, experts = sources[0], sources[1:]
     pairs = list(itertools.combinations(range(len(experts)), 2))
     dots = torch.zeros(len(pairs), dtype=torch.float64)
@@ -47,7 +47,7 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
     conflicts = active = 0
     rows = []
     for name, info in base_source.reader.tensors.items():
-        if not info.dtype.is_floating_point:
+        if not info.dtype.is_floating_point or name in skipped:
             continue
         theta_b = base_source.reader.get(name).float()
         deltas = [s.reader.get(name).float().sub_(theta_b).reshape(-1) for s in experts]  # (numel,) each

@@ -1,0 +1,84 @@
+"""LM-Cocktail Eq. 2: merge weights w_i = softmax(−L(M_i, E_t) / τ) from few-shot losses."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mergelab.cocktail.loss import candidate_loss, check_examples
+from mergelab.errors import MergeError
+
+
+def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[float]:
+    """softmax(−loss / τ), computed stably."""
+    if temperature <= 0:
+        raise MergeError(f"temperature must be > 0, got {temperature}")
+    logits = [-loss / temperature for loss in losses]
+    top = max(logits)
+    exps = [math.exp(z - top) for z in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder", *,
+                   batch_size: int = 8, device: str = "cpu", **opts) -> list[float]:
+    """L(M_i, E_t) for each candidate, loading one candidate at a time."""
+    check_examples(examples, model_type, opts.get("neg_number", 7))
+    if not models:
+        raise MergeError("no candidate models given")
+    for path in models:
+        if not Path(path).exists():
+            raise MergeError(f"candidate model {path} does not exist")
+    return [candidate_loss(path, examples, model_type, batch_size=batch_size, device=device, **opts)
+            for path in models]
+
+
+def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder",
+                    temperature: float = 5.0, batch_size: int = 8, **opts) -> list[float]:
+    """LM-Cocktail merge weights for ``models`` from a few examples of the target task.
+
+    Args:
+        models: candidate model directories (base and peers; the fine-tuned model too if it
+            should compete).
+        examples: decoder ``{"input", "output"}`` or encoder ``{"query", "pos", "neg"}`` dicts.
+        model_type: "decoder" (causal LM) or "encoder" (embedding model).
+        temperature: τ of Eq. 2; larger spreads the weights more evenly.
+        batch_size: examples per forward pass.
+        **opts: ``device``, ``max_length``; encoders: ``pooling`` ("cls"/"mean"; default: the
+            directory's sentence-transformers pooling, else "cls"), ``neg_number`` (7),
+            ``query_instruction``, ``contrastive_temperature`` (0.05).
+
+    Returns:
+        One weight per model, summing to 1.
+
+    Example:
+        >>> fewshot_weights(["base", "peer"], [{"input": "2+2=", "output": "4"}])  # doctest: +SKIP
+        [0.31, 0.69]
+    """
+    if temperature <= 0:
+        raise MergeError(f"temperature must be > 0, got {temperature}")
+    return softmax_weights(fewshot_losses(models, examples, model_type, batch_size=batch_size, **opts), temperature)
+
+
+def load_examples(source: str | Path | Sequence[dict] | Mapping[str, Sequence[dict]]) -> list[dict] | dict:
+    """Examples from a JSON list / JSONL file, a list of dicts, or a dict of task -> examples."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise MergeError(f"examples file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix == ".jsonl" or not text.lstrip().startswith(("[", "{")):
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MergeError(f"{path} is neither JSON nor JSONL ({exc})") from None
+    return source
+
+
+def pooled(examples: list[dict] | Mapping[str, Sequence[dict]]) -> list[dict]:
+    """The examples of several tasks pooled into one list (LM-Cocktail^u); a list passes through."""
+    if isinstance(examples, Mapping):
+        return [example for task_examples in examples.values() for example in task_examples]
+    return list(examples)
