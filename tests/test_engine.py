@@ -212,3 +212,16 @@ def test_fisher_merge_end_to_end(world, tmp_path):
     expected = ((fa[name] + 1e-8) * a[name] + (fb[name] + 1e-8) * b[name]) / (fa[name] + fb[name] + 2e-8)
     assert torch.allclose(merged[name], expected, atol=1e-5)
     assert runs(load(tmp_path / "out"))
+
+
+def test_legacy_position_ids_buffers_do_not_block_a_merge(tmp_path, world):
+    """Older transformers saved the rebuilt position_ids buffer; newer ones don't."""
+    a, b = state(world["a"]), state(world["b"])
+    (tmp_path / "old").mkdir()
+    save_file({**a, "model.position_ids": torch.arange(8)[None]}, tmp_path / "old" / "model.safetensors")
+    (tmp_path / "new").mkdir()
+    save_file(b, tmp_path / "new" / "model.safetensors")
+    config = {"merge_method": "linear", "models": [{"model": str(tmp_path / "old")}, {"model": str(tmp_path / "new")}]}
+    merged = load_file(mergelab.merge(config, tmp_path / "out", quiet=True) / "model.safetensors")
+    assert "model.position_ids" not in merged
+    assert torch.allclose(merged["model.norm.weight"], (a["model.norm.weight"] + b["model.norm.weight"]) / 2)

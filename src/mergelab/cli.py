@@ -26,6 +26,9 @@ class _Group(click.Group):
 @click.version_option(package_name="mergelab")
 def main() -> None:
     """Merge checkpoints, pick merge weights, keep old skills, and measure it all."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model loaded is noise here
 
 
 @main.command()
@@ -79,22 +82,119 @@ def fisher(model_dir, data, out, samples, max_length, device, force) -> None:
 
 @main.command(name="eval")
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--tasks", "tasks", required=True, type=click.Path(path_type=Path), help="Tasks YAML/JSON file.")
+@click.option("--tasks", "tasks", default=None, type=click.Path(path_type=Path), help="Tasks YAML/JSON file.")
+@click.option("--backend", default="mergelab", show_default=True, type=click.Choice(["mergelab", "lm-eval", "mteb"]),
+              help="What runs --tasks: our evaluators, lm-evaluation-harness or MTEB (extra: harness).")
+@click.option("--lm-eval", "lm_eval_tasks", multiple=True, help="An lm-eval task name (repeatable).")
+@click.option("--lm-eval-include", default=None, type=click.Path(path_type=Path),
+              help="Folder of your own lm-eval YAML tasks, for --lm-eval.")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="results.json or results.csv")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
-def evaluate(model_dirs, tasks, out, batch_size, device, quiet) -> None:
-    """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file."""
-    from mergelab.evaluate import evaluate_models, load_tasks
+def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, batch_size, device, quiet) -> None:
+    """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file and/or lm-eval tasks."""
+    from mergelab.evaluate.adapters import evaluate_with_backend
 
-    rows = evaluate_models(model_dirs, load_tasks(tasks), out=out, batch_size=batch_size, device=device,
-                           progress=not quiet)
-    width = max(len(r["model"]) for r in rows)
+    rows = evaluate_with_backend(model_dirs, tasks, backend=backend, lm_eval_tasks=lm_eval_tasks,
+                                 lm_eval_include=lm_eval_include, out=out, batch_size=batch_size, device=device,
+                                 progress=not quiet)
+    width = max((len(r["model"]) for r in rows), default=0)
     for row in rows:
         click.echo(f"{row['model']:{width}}  {row['task']:24} {row['metric']:12} {row['score']:.4f}")
     if out:
         click.echo(f"results written to {out}")
+
+
+@main.group()
+def cocktail() -> None:
+    """LM-Cocktail: merge weights from a few examples, and the resilient model."""
+
+
+def _cocktail_options(command):
+    options = [
+        click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task."),
+        click.option("--base", default=None, help="M_b: the base model."),
+        click.option("--peer", "peers", multiple=True, help="A model fine-tuned on another task (repeatable)."),
+        click.option("--examples", "examples", multiple=True, type=click.Path(path_type=Path),
+                     help="JSON/JSONL few-shot examples; repeat for several tasks (unified recipe)."),
+        click.option("--recipe", default="auto", show_default=True,
+                     type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"])),
+        click.option("--alpha", default=0.5, show_default=True, help="Weight of the fine-tuned model."),
+        click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss."),
+        click.option("--model-type", default="decoder", show_default=True, type=click.Choice(["decoder", "encoder"])),
+        click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]), help="Encoder pooling."),
+        click.option("--neg-number", default=7, show_default=True, help="Encoder negatives per query."),
+        click.option("--batch-size", default=8, show_default=True),
+        click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations."),
+        click.option("--device", default="cpu", show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _cocktail_kwargs(examples, pooling, neg_number, **kwargs) -> dict:
+    from mergelab.cocktail import load_examples
+
+    if len(examples) == 1:
+        kwargs["examples"] = load_examples(examples[0])
+    elif examples:
+        kwargs["examples"] = {str(path): load_examples(path) for path in examples}
+    if pooling:
+        kwargs["pooling"] = pooling
+    return {**kwargs, "neg_number": neg_number}
+
+
+@cocktail.command(name="merge")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@_cocktail_options
+@click.option("--force", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def cocktail_merge(out_dir, **options) -> None:
+    """Compute the weights and write the merged model to OUT_DIR."""
+    from mergelab.cocktail import cocktail as run
+
+    result = run(out_dir, **_cocktail_kwargs(**options))
+    click.echo(result.table())
+    click.echo(f"merged model written to {out_dir}")
+
+
+@cocktail.command(name="weights")
+@_cocktail_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cocktail_weights(as_json, **options) -> None:
+    """Print the few-shot losses and merge weights only (nothing is written)."""
+    from dataclasses import asdict
+
+    from mergelab.cocktail import cocktail as run
+
+    result = run(None, **_cocktail_kwargs(**options))
+    click.echo(json.dumps(asdict(result), indent=2) if as_json else result.table())
+
+
+@cocktail.command(name="sweep")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@_cocktail_options
+@click.option("--tasks", "tasks", required=True, type=click.Path(path_type=Path), help="Tasks file to score.")
+@click.option("--target", "target", multiple=True, required=True, help="Target task name(s).")
+@click.option("--alphas", default=None, help="Comma-separated α values (default 0,0.1,...,1).")
+@click.option("--keep-models", is_flag=True)
+def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> None:
+    """Merge at several α, score target vs other tasks, write sweep.csv and sweep.png."""
+    from mergelab.cocktail import alpha_sweep
+    from mergelab.cocktail.sweep import DEFAULT_ALPHAS
+
+    try:
+        grid = [float(a) for a in alphas.split(",")] if alphas else DEFAULT_ALPHAS
+    except ValueError:
+        raise MergeError(f"--alphas must be comma-separated numbers like 0,0.5,1; got '{alphas}'") from None
+    options.pop("alpha")
+    rows = alpha_sweep(out_dir, tasks=tasks, target=target, alphas=grid, keep_models=keep_models,
+                       **_cocktail_kwargs(**options))
+    for row in rows:
+        click.echo(f"alpha {row['alpha']:4.2f}  target {row['target']:.4f}  general {row['general']:.4f}")
+    click.echo(f"curve written to {Path(out_dir) / 'sweep.png'}")
 
 
 @main.command()
@@ -116,6 +216,23 @@ def demo(out: Path, quiet: bool) -> None:
     from mergelab.demo import run_demo
 
     run_demo(out, quiet=quiet)
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@click.option("--digits", is_flag=True, help="Run the split-digits experiment (the paper's Figure 1) instead of a SPEC.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the results.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
+@click.option("--quiet", is_flag=True)
+def sfa(spec, digits, out, force, quiet) -> None:
+    """Train on the task stream a YAML SPEC describes with SFA and the baselines (or, with
+    --digits, run the split-digits experiment); write results.json, results.md and plots."""
+    from mergelab.continual import run_digits_experiment, run_spec
+
+    if digits == (spec is not None):
+        raise MergeError("give either a SPEC file or --digits (not both)")
+    path = run_digits_experiment(out, force=force, quiet=quiet) if digits else run_spec(spec, out, force, quiet)
+    click.echo(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,17 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = SPECIALS + DIGITS + list(TASKS) + ["="]
 
 
-def build_tokenizer():
-    """A word-level tokenizer over the demo vocabulary, as a ``PreTrainedTokenizerFast``."""
+def build_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer over ``words`` (default: this module's vocabulary), as a
+    ``PreTrainedTokenizerFast`` that adds BOS like Llama's; the first four words must be
+    <pad> <s> </s> <unk>."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
+    core = Tokenizer(WordLevel({word: i for i, word in enumerate(words or WORDS)}, unk_token="<unk>"))
     core.pre_tokenizer = WhitespaceSplit()
     # like Llama's tokenizer: encoding adds BOS unless add_special_tokens=False
     core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
