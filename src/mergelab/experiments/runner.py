@@ -1,0 +1,196 @@
+"""The grid runner: method × number of experts × seed, merged with the engine, evaluated with
+the harness, normalized against experts and base, written row by row (resumable).
+
+Results contract (``OUT/results.csv``)::
+
+    method,n_experts,seed,experts,task,category,split,score,reference_score,normalized
+
+``experts`` is the ;-joined picked names. Reference rows: ``base`` (every task), ``expert``
+(its own task, held_in) and ``multitask`` (every task) have empty n_experts and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from mergelab.errors import MergeError
+from mergelab.evaluate import evaluate_models, load_tasks, normalize, write_rows
+from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
+from mergelab.methods import get_method
+
+RESULT_COLUMNS = ("method", "n_experts", "seed", "experts", "task", "category", "split", "score",
+                  "reference_score", "normalized")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    n_experts: int
+    seed: int
+    experts: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.method, str(self.n_experts), str(self.seed)
+
+
+def pick_experts(names: list[str], n: int, seed: int) -> tuple[str, ...]:
+    """The first n of a seed-determined order of all experts: every method gets the same picks,
+    and for one seed the picks grow by adding experts."""
+    order = sorted(names)
+    random.Random(f"mergelab-grid:{seed}").shuffle(order)
+    return tuple(order[:n])
+
+
+def plan_cells(spec: GridSpec) -> list[Cell]:
+    names = [e.name for e in spec.experts]
+    return [Cell(m.name, n, seed, pick_experts(names, n, seed))
+            for n in spec.n_experts for seed in spec.seeds for m in spec.methods]
+
+
+def merge_config(spec: GridSpec, method_name: str, experts: tuple[str, ...]) -> dict:
+    method = next(m for m in spec.methods if m.name == method_name)
+    models = {e.name: e.model for e in spec.experts}
+    config = {"merge_method": method.merge_method, "models": [{"model": models[e]} for e in experts],
+              "parameters": dict(method.parameters)}
+    if get_method(method.merge_method).uses_base:
+        config["base_model"] = spec.base
+    return config
+
+
+def run_cell(spec_data: dict, cell_data: dict, models_dir: str, keep_models: bool = False) -> list[dict]:
+    """Merge and evaluate one cell; plain data in and out, so it can run as a Ray task."""
+    from mergelab import merge
+
+    spec = GridSpec.model_validate(spec_data)
+    cell = Cell(**{**cell_data, "experts": tuple(cell_data["experts"])})
+    tasks = load_tasks(spec.tasks)
+    own = {e.task for e in spec.experts if e.name in cell.experts}
+    chosen = [t for t in tasks if t.split != "held_in" or t.name in own]
+    target = Path(models_dir) / f"{cell.method}-n{cell.n_experts}-s{cell.seed}"
+    merge(merge_config(spec, cell.method, cell.experts), target, force=True, quiet=True, seed=cell.seed)
+    try:
+        rows = evaluate_models([target], chosen, batch_size=spec.batch_size, progress=False)
+    finally:
+        if not keep_models:
+            shutil.rmtree(target, ignore_errors=True)
+    return [{"method": cell.method, "n_experts": cell.n_experts, "seed": cell.seed, "experts": ";".join(cell.experts),
+             "task": r["task"], "category": r["category"], "split": r["split"], "score": r["score"]} for r in rows]
+
+
+def reference_rows(spec: GridSpec, tasks) -> list[dict]:
+    """Base on every task, each expert on its own task, multitask on every task."""
+    rows = []
+
+    def scored(model: str, chosen, method: str, experts: str = "") -> None:
+        for r in evaluate_models([model], chosen, batch_size=spec.batch_size, progress=False):
+            rows.append({"method": method, "n_experts": "", "seed": "", "experts": experts, "task": r["task"],
+                         "category": r["category"], "split": r["split"], "score": r["score"]})
+
+    scored(spec.base, tasks, "base")
+    by_name = {t.name: t for t in tasks}
+    for expert in spec.experts:
+        scored(expert.model, [by_name[expert.task]], "expert", expert.name)
+    if spec.multitask:
+        scored(spec.multitask, tasks, "multitask")
+    return rows
+
+
+def add_normalized(rows: list[dict], tasks) -> None:
+    """Fill reference_score and normalized: held-in ÷ the task's expert, held-out ÷ the base."""
+    metric = {t.name: t.metric for t in tasks}
+    base = {r["task"]: float(r["score"]) for r in rows if r["method"] == "base"}
+    expert = {r["task"]: float(r["score"]) for r in rows if r["method"] == "expert"}
+    for row in rows:
+        reference = (expert if row["split"] == "held_in" else base).get(row["task"])
+        row["reference_score"] = "" if reference is None else reference
+        ok = reference not in (None, 0.0) and float(row["score"]) != 0.0
+        row["normalized"] = normalize(float(row["score"]), reference, metric[row["task"]]) if ok else ""
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executor: str = "local",
+             address: str | None = None, keep_models: bool = False, threads: int | None = None,
+             log: Callable[[str], None] = print) -> Path:
+    """Run every cell not already in ``out_dir/results.csv``; write results, table and plots.
+
+    ``threads`` sets torch's thread count for local work (1 is fastest for tiny models; Ray
+    workers already run one thread per task).
+
+    Example:
+        >>> run_grid("grid.yml", "grid-out")  # doctest: +SKIP
+    """
+    if threads is not None:
+        from mergelab.demo.tiny import torch_threads
+
+        with torch_threads(threads):
+            return run_grid(spec, out_dir, executor=executor, address=address, keep_models=keep_models, log=log)
+    spec = spec if isinstance(spec, GridSpec) else load_spec(spec)
+    tasks = validate_spec(spec)
+    if executor not in ("local", "ray"):
+        raise MergeError(f"executor '{executor}' is not known; use local or ray")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.csv"
+    rows = read_results(results)
+    if not any(r["method"] == "base" for r in rows):
+        log("  scoring the reference models (base, experts, multitask)")
+        rows += reference_rows(spec, tasks)
+        add_normalized(rows, tasks)
+        write_rows(rows, results, RESULT_COLUMNS)
+    done = {(r["method"], str(r["n_experts"]), str(r["seed"])) for r in rows}
+    cells = [c for c in plan_cells(spec) if c.key not in done]
+    log(f"  {len(cells)} cells to run ({len(plan_cells(spec)) - len(cells)} already done) with the {executor} executor")
+    models_dir = out_dir / "models"
+    for finished, cell_rows in enumerate(_execute(spec, cells, models_dir, keep_models, executor, address), 1):
+        rows += cell_rows
+        add_normalized(rows, tasks)
+        write_rows(rows, results, RESULT_COLUMNS)
+        log(f"  [{finished}/{len(cells)}] {cell_rows[0]['method']} n={cell_rows[0]['n_experts']} "
+            f"seed={cell_rows[0]['seed']}")
+    if not keep_models and models_dir.exists() and not any(models_dir.iterdir()):
+        models_dir.rmdir()
+    from mergelab.experiments.report import write_report
+
+    write_report(rows, tasks, out_dir)
+    return results
+
+
+def _execute(spec: GridSpec, cells: list[Cell], models_dir: Path, keep_models: bool, executor: str,
+             address: str | None):
+    spec_data = spec.model_dump()
+    if executor == "local":
+        for cell in cells:
+            yield run_cell(spec_data, asdict(cell), str(models_dir), keep_models)
+        return
+    try:
+        import ray
+    except ImportError:
+        raise MergeError("--executor ray needs Ray: pip install 'mergelab[distributed]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise MergeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    try:
+        remote = ray.remote(run_cell)
+        pending = [remote.remote(spec_data, asdict(cell), str(models_dir.absolute()), keep_models) for cell in cells]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        if started_here:
+            ray.shutdown()

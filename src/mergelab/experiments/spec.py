@@ -1,0 +1,147 @@
+"""The grid spec (merging-at-scale's protocol): base, experts with their tasks, methods,
+numbers of experts and seeds, evaluation tasks, an optional multitask model.
+
+```yaml
+base: models/base
+experts:
+  - {name: copy, model: models/expert-copy, task: copy}
+  - {name: add, model: models/expert-add, task: add}
+methods:
+  - {name: averaging, merge_method: linear}
+  - {name: ties, merge_method: ties, parameters: {density: 0.5}}
+n_experts: [2, 4]
+seeds: [0, 1]
+tasks: tasks.yml          # every task needs a category and a split (held_in / held_out)
+multitask: models/multitask   # optional reference
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mergelab.errors import MergeError
+from mergelab.evaluate import Task, load_tasks
+from mergelab.methods import get_method
+
+
+class ExpertSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str
+    task: str
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    merge_method: str
+    parameters: dict[str, Any] = {}
+
+
+class GridSpec(BaseModel):
+    """A validated grid; paths are resolved relative to the spec file."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    experts: list[ExpertSpec]
+    methods: list[MethodSpec]
+    n_experts: list[int]
+    seeds: list[int] = [0]
+    tasks: str
+    multitask: str | None = None
+    batch_size: int = 32
+
+    def load_tasks(self) -> list[Task]:
+        return load_tasks(self.tasks)
+
+
+def load_spec(source: str | Path | dict) -> GridSpec:
+    """Parse and validate a grid spec before anything is merged."""
+    base_dir = None
+    where = "grid spec"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise MergeError(f"grid spec {path} does not exist")
+        where, base_dir = str(path), path.parent
+        try:
+            source = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise MergeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(source, dict):
+        raise MergeError(f"{where} must be a mapping with base, experts, methods, n_experts, tasks")
+    try:
+        spec = GridSpec.model_validate(source)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise MergeError(f"{where} is not valid: {problems}") from None
+    if base_dir is not None:
+        spec = _resolve_paths(spec, base_dir)
+    validate_spec(spec, where)
+    return spec
+
+
+def _resolve_paths(spec: GridSpec, base_dir: Path) -> GridSpec:
+    def resolve(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute() or not (base_dir / value).exists():
+            return value
+        return str(base_dir / value)
+
+    return spec.model_copy(update={
+        "base": resolve(spec.base), "tasks": resolve(spec.tasks), "multitask": resolve(spec.multitask),
+        "experts": [e.model_copy(update={"model": resolve(e.model)}) for e in spec.experts],
+    })
+
+
+def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
+    """Every error a grid can have, found before the first merge; returns the tasks."""
+    for label, path in [("base", spec.base), ("multitask", spec.multitask)] + [
+            (f"expert '{e.name}'", e.model) for e in spec.experts]:
+        if path is not None and not Path(path).exists():
+            raise MergeError(f"{where}: {label} model {path} does not exist")
+    names = [e.name for e in spec.experts]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MergeError(f"{where}: expert names must be unique; repeated: {', '.join(repeated)}")
+    method_names = [m.name for m in spec.methods]
+    if not spec.methods or len(set(method_names)) != len(method_names):
+        raise MergeError(f"{where}: give at least one method, each with a unique name")
+    reserved = {"base", "expert", "multitask"} & set(method_names)
+    if reserved:
+        raise MergeError(f"{where}: method names {sorted(reserved)} are reserved for reference rows; rename them")
+    for method in spec.methods:
+        definition = get_method(method.merge_method)
+        if any(n < definition.min_models or (definition.max_models and n > definition.max_models)
+               for n in spec.n_experts):
+            raise MergeError(f"{where}: method '{method.name}' ({method.merge_method}) cannot merge "
+                             f"{spec.n_experts} experts")
+    if not spec.n_experts or any(n < 1 for n in spec.n_experts):
+        raise MergeError(f"{where}: n_experts must list positive numbers")
+    if max(spec.n_experts) > len(spec.experts):
+        raise MergeError(f"{where}: n_experts asks for {max(spec.n_experts)} experts but only "
+                         f"{len(spec.experts)} are listed")
+    if not spec.seeds:
+        raise MergeError(f"{where}: give at least one seed")
+    if not Path(spec.tasks).is_file():
+        raise MergeError(f"{where}: tasks file {spec.tasks} does not exist")
+    tasks = spec.load_tasks()
+    for task in tasks:
+        unset = {"category", "split"} - task.model_fields_set
+        if unset:
+            raise MergeError(f"{where}: task '{task.name}' has no {' or '.join(sorted(unset))}; the grid needs "
+                             f"both to normalize and average (split: held_in or held_out)")
+    by_name = {t.name: t for t in tasks}
+    for expert in spec.experts:
+        task = by_name.get(expert.task)
+        if task is None:
+            raise MergeError(f"{where}: expert '{expert.name}' is for task '{expert.task}', which the tasks file "
+                             f"does not define")
+        if task.split != "held_in":
+            raise MergeError(f"{where}: expert '{expert.name}' is for task '{expert.task}', whose split is "
+                             f"'{task.split}'; an expert's own task must be held_in")
+    return tasks

@@ -1,0 +1,145 @@
+"""The grid runner: picks, results contract, normalization, resume, errors, Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mergelab import MergeError
+from mergelab.cli import main
+from mergelab.demo.tiny import make_examples
+from mergelab.experiments import RESULT_COLUMNS, load_spec, pick_experts, plan_cells, run_grid
+from mergelab.experiments import runner as grid_runner
+
+
+@pytest.fixture
+def spec_file(world, tmp_path):
+    tasks = []
+    for name, skill, split, category in [("tA", "copy", "held_in", "seq"), ("tB", "reverse", "held_in", "seq"),
+                                         ("tC", "sort", "held_in", "order"), ("tX", "copy", "held_out", "other"),
+                                         ("tY", "sort", "held_out", "misc")]:
+        tasks.append({"name": name, "kind": "loss", "category": category, "split": split,
+                      "examples": make_examples(skill, 6, seed=len(tasks))})
+    (tmp_path / "tasks.yml").write_text(yaml.safe_dump({"tasks": tasks}))
+    spec = {
+        "base": world["base"],
+        "experts": [{"name": "ea", "model": world["a"], "task": "tA"}, {"name": "eb", "model": world["b"], "task": "tB"},
+                    {"name": "ec", "model": world["c"], "task": "tC"}],
+        "methods": [{"name": "avg", "merge_method": "linear"},
+                    {"name": "ties", "merge_method": "ties", "parameters": {"density": 0.5}}],
+        "n_experts": [1, 2], "seeds": [0, 1], "tasks": "tasks.yml", "multitask": world["c"],
+    }
+    path = tmp_path / "grid.yml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_picks_are_deterministic_nested_and_shared_across_methods(spec_file):
+    names = ["a", "b", "c", "d", "e"]
+    assert pick_experts(names, 3, seed=4) == pick_experts(list(reversed(names)), 3, seed=4)
+    assert pick_experts(names, 2, seed=4) == pick_experts(names, 3, seed=4)[:2]
+    cells = plan_cells(load_spec(spec_file))
+    assert len(cells) == 2 * 2 * 2
+    for n in (1, 2):
+        for seed in (0, 1):
+            assert len({c.experts for c in cells if c.n_experts == n and c.seed == seed}) == 1
+
+
+def test_grid_writes_the_results_contract_and_normalizes(spec_file, tmp_path):
+    out = tmp_path / "out"
+    run_grid(spec_file, out, log=lambda *_: None)
+    rows = read(out / "results.csv")
+    assert tuple(rows[0].keys()) == RESULT_COLUMNS
+    base = {r["task"]: float(r["score"]) for r in rows if r["method"] == "base"}
+    expert = {r["task"]: float(r["score"]) for r in rows if r["method"] == "expert"}
+    assert set(base) == {"tA", "tB", "tC", "tX", "tY"} and set(expert) == {"tA", "tB", "tC"}
+    assert {r["task"] for r in rows if r["method"] == "multitask"} == set(base)
+    for row in rows:
+        if row["method"] in ("avg", "ties"):
+            picked = row["experts"].split(";")
+            assert len(picked) == int(row["n_experts"])
+            reference = expert[row["task"]] if row["split"] == "held_in" else base[row["task"]]
+            assert float(row["reference_score"]) == pytest.approx(reference)
+            assert float(row["normalized"]) == pytest.approx(reference / float(row["score"]))  # loss: lower is better
+    cell_rows = [r for r in rows if r["method"] == "avg" and r["n_experts"] == "1" and r["seed"] == "0"]
+    own = {"ea": "tA", "eb": "tB", "ec": "tC"}[cell_rows[0]["experts"]]
+    assert {r["task"] for r in cell_rows} == {own, "tX", "tY"}  # held-in = the picked experts' tasks only
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["cells"]) == {"avg", "ties"} and summary["multitask"]["held_in"] > 0
+    assert (out / "grid.png").stat().st_size > 1000 and "| avg | 1 |" in (out / "table.md").read_text()
+    assert not (out / "models").exists()  # merged models are deleted after evaluation
+
+
+def test_grid_resumes_done_cells(spec_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_grid(spec_file, out, log=lambda *_: None)
+    before = read(out / "results.csv")
+    calls = []
+    original = grid_runner.run_cell
+    monkeypatch.setattr(grid_runner, "run_cell", lambda *args, **kw: calls.append(args) or original(*args, **kw))
+    run_grid(spec_file, out, log=lambda *_: None)
+    assert calls == [] and read(out / "results.csv") == before
+    kept = [r for r in before if not (r["method"] == "ties" and r["seed"] == "1")]
+    from mergelab.evaluate import write_rows
+
+    write_rows(kept, out / "results.csv", RESULT_COLUMNS)
+    run_grid(spec_file, out, log=lambda *_: None)
+    assert len(calls) == 2  # ties × n ∈ {1, 2} for seed 1
+    assert len(read(out / "results.csv")) == len(before)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: s["experts"][0].update(model="/nope"), "does not exist"),
+    (lambda s: s.update(n_experts=[4]), "only 3"),
+    (lambda s: s["experts"][1].update(name="ea"), "unique"),
+    (lambda s: s["experts"][0].update(task="tX"), "must be held_in"),
+    (lambda s: s["experts"][0].update(task="zz"), "does not define"),
+    (lambda s: s["methods"].append({"name": "avg", "merge_method": "ties"}), "unique name"),
+    (lambda s: s["methods"].append({"name": "x", "merge_method": "slerp"}), "cannot merge"),
+    (lambda s: s.update(colour="red"), "colour"),
+])
+def test_bad_specs_are_refused_before_any_merge(spec_file, change, match):
+    spec = yaml.safe_load(spec_file.read_text())
+    change(spec)
+    spec_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(MergeError, match=match):
+        load_spec(spec_file)
+
+
+def test_tasks_without_category_or_split_are_refused(spec_file):
+    tasks_path = spec_file.parent / "tasks.yml"
+    tasks = yaml.safe_load(tasks_path.read_text())
+    del tasks["tasks"][3]["split"]
+    tasks_path.write_text(yaml.safe_dump(tasks))
+    with pytest.raises(MergeError, match="task 'tX' has no split"):
+        load_spec(spec_file)
+
+
+def test_grid_cli(spec_file, tmp_path):
+    result = CliRunner().invoke(main, ["grid", str(spec_file), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "held-in" in result.stdout
+    bad = CliRunner().invoke(main, ["grid", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "either a SPEC" in bad.output
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(spec_file, tmp_path):
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.update(n_experts=[2], seeds=[0], methods=spec["methods"][:1], multitask=None)
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_grid(spec_file, tmp_path / "local", log=lambda *_: None)
+    run_grid(spec_file, tmp_path / "ray", executor="ray", log=lambda *_: None)
+    local, remote = read(tmp_path / "local" / "results.csv"), read(tmp_path / "ray" / "results.csv")
+    assert len(local) == len(remote)
+    for a, b in zip(local, remote):
+        assert a["task"] == b["task"] and float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-6)
