@@ -198,6 +198,29 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
 
 
 @main.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@click.option("--demo", is_flag=True, help="Run the built-in grid on the demo world (built and cached if needed).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
+@click.option("--address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--keep-models", is_flag=True, help="Keep each merged model under OUT/models.")
+def grid(spec, demo, out, executor, address, keep_models) -> None:
+    """Run a merging grid (method × n_experts × seed) from SPEC.yml, or --demo."""
+    from mergelab.experiments import demo_spec, run_grid
+
+    if demo == (spec is not None):
+        raise MergeError("give either a SPEC file or --demo (not both)")
+    if demo:
+        from mergelab.demo.world import build_world
+
+        spec = demo_spec(build_world())
+    results = run_grid(spec, out, executor=executor, address=address, keep_models=keep_models,
+                       threads=1 if demo else None)
+    click.echo((Path(out) / "table.md").read_text())
+    click.echo(f"results in {results}; plot in {Path(out) / 'grid.png'}")
+
+
+@main.command()
 def methods() -> None:
     """List the merge methods, their parameters and papers."""
     from mergelab.methods import METHODS

@@ -1,23 +1,32 @@
-"""`mergelab demo`: tiny checkpoints built locally, merged with every method, loaded back with
-transformers and scored on every skill."""
+"""`mergelab demo --out DIR`: re-run each paper's central experiment on the demo world (and
+on split digits for SFA), and write a report that says, with numbers, what reproduced.
+
+Parts: (0) every merge method side by side; (1) LM-Cocktail; (2) merging at scale (the demo
+grid); (3) SFA on a two-task stream of the demo LM and on split digits. Everything reuses the
+library (``merge``, ``cocktail``, ``run_grid``, ``run_spec``, ``evaluate_models``); the world is
+built once and cached.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-import torch
 import yaml
 
-from mergelab.demo.tiny import TASKS, build_checkpoints, encode, make_examples
+from mergelab.demo.tiny import torch_threads
+
+SFA_TASKS = ("add", "sub")  # learnt in this order; sub interferes with add
 
 
-def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path]) -> dict[str, dict]:
-    """One mergekit-style config per method over the demo checkpoints."""
-    experts = [str(paths[task]) for task in TASKS]
+def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path], experts: list[str]) -> dict[str, dict]:
+    """One mergekit-style config per registered method over base + ``experts``."""
     base = str(paths["base"])
-    every = [{"model": e} for e in experts]
+    models = [str(paths[name]) for name in experts]
+    every = [{"model": m} for m in models]
     return {
         "linear": {"merge_method": "linear", "models": every},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": every,
@@ -28,91 +37,99 @@ def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path]) -> dict[
                         "parameters": {"density": 0.5, "lambda": 0.6}},
         "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": every,
                       "parameters": {"density": 0.5, "lambda": 1.0}},
-        "slerp": {"merge_method": "slerp", "base_model": experts[0], "models": [{"model": experts[1]}],
+        "slerp": {"merge_method": "slerp", "base_model": models[0], "models": [{"model": models[1]}],
                   "parameters": {"t": 0.5}},
         "model_stock": {"merge_method": "model_stock", "base_model": base, "models": every},
         "fisher": {"merge_method": "fisher",
-                   "models": [{"model": e, "parameters": {"fisher": str(fisher_paths[t])}}
-                              for t, e in zip(TASKS, experts)]},
-        "lm_cocktail": {"merge_method": "lm_cocktail", "models": [{"model": experts[0]}, {"model": base},
-                                                                   *every[1:]],
+                   "models": [{"model": m, "parameters": {"fisher": str(fisher_paths[name])}}
+                              for name, m in zip(experts, models)]},
+        "lm_cocktail": {"merge_method": "lm_cocktail", "models": [every[0], {"model": base}, *every[1:]],
                         "parameters": {"alpha": 0.5}},
     }
 
 
-@torch.no_grad()
-def score(model_dir: Path, test_sets: dict[str, list[dict[str, str]]]) -> dict[str, float]:
-    """Answer-token accuracy per skill for a model directory, loaded with transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def sfa_lm_spec(world, out: Path) -> dict:
+    """A two-task stream on the demo world's base model: learn add, then sub."""
+    from mergelab.demo.tasks import as_training_pair
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    scores = {}
-    for task, examples in test_sets.items():
-        batch = encode(tokenizer, examples)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted = logits[:, :-1].argmax(-1)
-        target = batch["labels"][:, 1:]
-        counted = target != -100
-        scores[task] = float(((predicted == target) & counted).sum() / counted.sum())
-    return scores
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    tasks, evaluation = [], []
+    for name in SFA_TASKS:
+        for split in ("train", "test"):
+            with open(world.root / "data" / name / f"{split}.jsonl") as handle:
+                pairs = [as_training_pair(json.loads(line)) for line in handle]
+            (data / f"{name}.{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        tasks.append({"name": name, "train": str(data / f"{name}.train.jsonl"),
+                      "eval": str(data / f"{name}.test.jsonl")})
+        evaluation.append({"name": name, "kind": "rank_classification", "category": "arithmetic",
+                           "split": "held_in", "data": str(world.root / "data" / name / "test.jsonl")})
+    (out / "tasks.yml").write_text(yaml.safe_dump({"tasks": evaluation}))
+    return {
+        "model": str(world.base), "tasks": tasks, "evaluation": str(out / "tasks.yml"),
+        "methods": ["sequential", {"method": "sfa", "p": [1.0, 0.5, 0.25], "beta": 0.5},
+                    {"method": "l2", "lambda": 0.1}, "rehearsal", "multitask",
+                    {"method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+                    {"method": "ties", "parameters": {"density": 0.5}}],
+        "steps": 150, "batch_size": 32, "lr": 0.002, "seed": 0, "threads": 1,
+    }
 
 
-def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, seed: int = 0) -> dict:
-    """Build (or reuse) the tiny checkpoints, merge with every method, score, print a table.
-
-    Returns the summary written to ``OUT/summary.json``.
-    """
-    from mergelab import merge
-    from mergelab.fisher import estimate_fisher
-
+def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False) -> dict:
+    """Run every part, write ``OUT/report.md`` and ``OUT/results.json``; returns the results."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per loaded tiny model is noise here
+    from mergelab.continual import run_digits_experiment, run_spec
+    from mergelab.demo.report import write_report
+    from mergelab.demo.studies import cocktail_study, every_method_study
+    from mergelab.demo.world import build_world
+    from mergelab.experiments import demo_spec, run_grid
+
+    hf_logging.disable_progress_bar()
     out = Path(out)
-    log = (lambda *_: None) if quiet else print
+    out.mkdir(parents=True, exist_ok=True)
+    log: Callable[[str], None] = (lambda *_: None) if quiet else print
+    results: dict = {"seconds": {}}
     started = time.perf_counter()
-    models = out / "models"
-    names = ["base", *TASKS]
-    log(f"mergelab demo: tiny Llama-shape checkpoints in {models}")
-    if all((models / ("base" if n == "base" else f"expert-{n}") / "config.json").is_file() for n in names):
-        paths = {n: models / ("base" if n == "base" else f"expert-{n}") for n in names}
-        log("  reusing the checkpoints built earlier")
-    else:
-        paths = build_checkpoints(models, seed=seed, log=log)
 
-    fisher_paths = {}
-    for task in TASKS:
-        texts = [f"{e['input']} {e['output']}" for e in make_examples(task, 64, seed + 7)]
-        fisher_paths[task] = estimate_fisher(paths[task], texts, out / "fisher" / f"{task}.safetensors", force=True)
+    def part(name: str, title: str):
+        log(f"[{name}] {title}")
+        return time.perf_counter()
 
-    test_sets = {task: make_examples(task, 200, seed + 99) for task in TASKS}
-    rows = [{"model": name, "merge_seconds": None, **score(paths[name], test_sets)} for name in names]
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    for method, config in demo_configs(paths, fisher_paths).items():
-        config_path = out / "configs" / f"{method}.yml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        tick = time.perf_counter()
-        merged = merge(config_path, out / "merged" / method, force=True, quiet=True, seed=seed)
-        rows.append({"model": method, "merge_seconds": time.perf_counter() - tick, **score(merged, test_sets)})
-        log(f"  merged with {method}")
+    with torch_threads(1):  # tiny models: one thread is fastest and never stalls on a busy machine
+        tick = part("world", "building (or reusing) the demo world")
+        world = build_world(log=log)
+        results["world"] = {"root": str(world.root), "scores": world.scores, "build_seconds": world.build_seconds}
+        results["seconds"]["world"] = time.perf_counter() - tick
 
-    for row in rows:
-        row["mean"] = sum(row[t] for t in TASKS) / len(TASKS)
-    log("")
-    log(format_table(rows))
-    log(f"\n(answer-token accuracy on 200 held-out examples per skill; configs in {out / 'configs'}, "
-        f"merged models in {out / 'merged'}; {time.perf_counter() - started:.0f} s in all)")
-    summary = {"rows": rows, "tasks": list(TASKS)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        tick = part("methods", "every merge method on base + three experts")
+        results["methods"] = every_method_study(world, out / "methods", log)
+        results["seconds"]["methods"] = time.perf_counter() - tick
 
+        tick = part("cocktail", "LM-Cocktail: three targets, few-shot study, α sweep")
+        results["cocktail"] = cocktail_study(world, out / "cocktail", log)
+        results["seconds"]["cocktail"] = time.perf_counter() - tick
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'model':16} {'merge s':>8} " + " ".join(f"{t:>8}" for t in TASKS) + f" {'mean':>8}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        seconds = f"{row['merge_seconds']:.2f}" if row["merge_seconds"] is not None else "-"
-        cells = " ".join(f"{row[t]:8.1%}" for t in TASKS)
-        lines.append(f"{row['model']:16} {seconds:>8} {cells} {row['mean']:8.1%}")
-    return "\n".join(lines)
+        tick = part("grid", "merging at scale: 4 methods × {2, 4} experts × 2 seeds")
+        shutil.rmtree(out / "grid", ignore_errors=True)
+        run_grid(demo_spec(world), out / "grid", log=lambda *_: None)
+        results["grid"] = json.loads((out / "grid" / "summary.json").read_text())
+        results["seconds"]["grid"] = time.perf_counter() - tick
+
+        tick = part("sfa", f"SFA on the demo LM: learn {' then '.join(SFA_TASKS)}")
+        spec = sfa_lm_spec(world, out / "sfa-inputs")
+        (out / "sfa-inputs" / "spec.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        run_spec(spec, out / "sfa-lm", force=True, quiet=True)
+        results["sfa_lm"] = json.loads((out / "sfa-lm" / "results.json").read_text())
+        results["seconds"]["sfa_lm"] = time.perf_counter() - tick
+
+        tick = part("digits", "SFA on split digits (scikit-learn)")
+        run_digits_experiment(out / "sfa-digits", force=True, quiet=True)
+        results["sfa_digits"] = json.loads((out / "sfa-digits" / "results.json").read_text())
+        results["seconds"]["sfa_digits"] = time.perf_counter() - tick
+
+    results["seconds"]["total"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_report(results, out)
+    log(f"\nreport: {out / 'report.md'} ({results['seconds']['total']:.0f} s in all)")
+    return results

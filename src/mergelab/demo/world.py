@@ -38,7 +38,7 @@ class WorldSettings:
     heads: int = 4
     intermediate: int = 256
     train_examples: int = 2000
-    validation_examples: int = 50
+    validation_examples: int = 100
     test_examples: int = 200
     batch_size: int = 64
     base_steps: int = 600

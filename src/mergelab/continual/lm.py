@@ -1,0 +1,191 @@
+"""Task streams for transformers causal LMs: load the spec's model and tasks, train with the
+stream runner, write results.json, results.md and the task-plane plot.
+
+Tasks are ``{"input": ..., "output": ...}`` examples; the model learns the output given the
+input (loss on the output tokens and EOS only, ``mergelab.demo.tiny.encode``).
+
+The default score is answer-token accuracy (teacher-forced: the share of output tokens the
+model predicts exactly). It lives in ``make_evaluator``, the one function to replace when a
+richer evaluator (e.g. ``mergelab.evaluate``) should score the stream; ``run_spec`` also takes
+any ``evaluator(model, tokenizer, tasks) -> {task: score}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mergelab.continual.report import markdown_table, save_plane_figure, write_json, write_outputs
+from mergelab.continual.spec import StreamSpec, TaskSpec, load_spec
+from mergelab.continual.stream import Harness, Task, run_stream
+from mergelab.demo.tiny import TASKS as DEMO_SKILLS, build_tokenizer, encode, make_examples, tiny_llama
+from mergelab.errors import MergeError
+
+Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
+
+
+def read_examples(path: str | Path) -> list[dict[str, str]]:
+    """``{"input", "output"}`` examples from a JSON list or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"task file {path} does not exist; check the path in the spec")
+    raw = path.read_text()
+    try:
+        items = json.loads(raw) if raw.lstrip().startswith("[") else \
+            [json.loads(line) for line in raw.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{path} is neither a JSON list nor JSONL ({exc})") from None
+    for number, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get("input"), str) and isinstance(item.get("output"), str)):
+            raise MergeError(f"{path}: example {number} must be an object with string fields 'input' and 'output'")
+    if not items:
+        raise MergeError(f"{path} holds no examples")
+    return [{"input": item["input"], "output": item["output"]} for item in items]
+
+
+def load_task(spec: StreamSpec, task: TaskSpec, index: int) -> Task:
+    if task.demo is not None:
+        if task.demo not in DEMO_SKILLS:
+            raise MergeError(f"task '{task.name}': demo skill '{task.demo}' is unknown; choose one of: "
+                             f"{', '.join(DEMO_SKILLS)}")
+        return Task(task.name, make_examples(task.demo, task.train_size, spec.seed + index),
+                    make_examples(task.demo, task.eval_size, spec.seed + index + 1000))
+    if task.train is not None:
+        if task.eval is None:
+            raise MergeError(f"task '{task.name}' has train but no eval file; add eval: (or use data: with "
+                             f"eval_fraction)")
+        return Task(task.name, read_examples(spec.resolve(task.train)), read_examples(spec.resolve(task.eval)))
+    examples = read_examples(spec.resolve(task.data))
+    random.Random(f"{spec.seed}:{task.name}").shuffle(examples)
+    held_out = max(1, round(task.eval_fraction * len(examples)))
+    if held_out >= len(examples):
+        raise MergeError(f"task '{task.name}': {len(examples)} examples are too few to hold out "
+                         f"{task.eval_fraction:.0%} for evaluation")
+    return Task(task.name, examples[held_out:], examples[:held_out])
+
+
+def load_model(spec: StreamSpec):
+    """(model, tokenizer): the demo's tiny Llama for ``model: tiny``, else a local HF directory."""
+    if spec.model == "tiny":
+        return tiny_llama(seed=spec.seed), build_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = spec.resolve(spec.model)
+    if not path.is_dir():
+        raise MergeError(f"model '{spec.model}' is neither 'tiny' nor a local model directory; check the path")
+    tokenizer = AutoTokenizer.from_pretrained(spec.resolve(spec.tokenizer) if spec.tokenizer else path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise MergeError(f"the tokenizer of '{spec.model}' needs BOS and EOS tokens to frame the examples")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+
+
+@torch.no_grad()
+def answer_accuracy(model, tokenizer, examples: list[dict[str, str]], batch_size: int = 64) -> float:
+    """Teacher-forced accuracy on the output tokens (and EOS): the default score."""
+    device = next(model.parameters()).device
+    correct = total = 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in encode(tokenizer, examples[start:start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        counted = target != -100
+        correct += int(((predicted == target) & counted).sum())
+        total += int(counted.sum())
+    return correct / max(total, 1)
+
+
+def make_evaluator(tokenizer, tasks: list[Task], batch_size: int = 64) -> Callable[[torch.nn.Module, int], dict]:
+    """The stream's evaluator: answer-token accuracy on every task's eval examples."""
+    return lambda model, stage: {task.name: answer_accuracy(model, tokenizer, list(task.eval), batch_size)
+                                 for task in tasks}
+
+
+def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[Task]) -> Evaluator:
+    """``mergelab.evaluate`` on the spec's ``evaluation`` tasks file, one task per stream task."""
+    from mergelab.evaluate import evaluate_model, load_tasks
+
+    eval_tasks = load_tasks(spec.resolve(spec.evaluation))
+    by_name = {task.name: task for task in eval_tasks}
+    for task in tasks:
+        if task.name not in by_name:
+            raise MergeError(f"evaluation file {spec.evaluation} has no task named '{task.name}'; name one task "
+                             f"after each task of the stream")
+        if not by_name[task.name].higher_is_better:
+            raise MergeError(f"evaluation task '{task.name}' uses {by_name[task.name].metric}, where lower is "
+                             f"better; forgetting and the plots need a score where higher is better")
+    chosen = [by_name[task.name] for task in tasks]
+    return lambda model, tokenizer, _: evaluate_model(model, tokenizer, chosen, batch_size=spec.eval_batch_size)
+
+
+def lm_harness(tokenizer, tasks: list[Task], device: str, evaluate: Callable[[torch.nn.Module, int], dict]) -> Harness:
+    return Harness(
+        loss=lambda model, batch: model(**batch).loss,
+        collate=lambda examples: {k: v.to(device) for k, v in encode(tokenizer, examples).items()},
+        evaluate=evaluate,
+    )
+
+
+def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = False, quiet: bool = False,
+             evaluator: Evaluator | None = None) -> Path:
+    """Run the stream a spec describes and write ``results.json``, ``results.md`` and
+    ``task_plane.png`` into ``out_dir`` (which appears only when all of them are written).
+
+    Args:
+        spec_source: a YAML file path or a dict (see ``mergelab.continual.spec``).
+        evaluator: ``evaluator(model, tokenizer, tasks) -> {task name: score}``; default: the
+            spec's ``evaluation`` tasks file through ``mergelab.evaluate`` if given, else
+            answer-token accuracy.
+
+    Example:
+        >>> run_spec("examples/sfa_tiny.yml", "sfa-out")  # doctest: +SKIP
+    """
+    from mergelab.io import check_output_dir
+
+    spec = load_spec(spec_source)
+    check_output_dir(out_dir, force)  # fail before training, not after
+    log = (lambda _: None) if quiet else print
+    started = time.perf_counter()
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError:
+        raise MergeError(f"device '{spec.device}' is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device {spec.device}: CUDA is not available here; set device: cpu")
+    tasks = [load_task(spec, task, index) for index, task in enumerate(spec.tasks)]
+    model, tokenizer = load_model(spec)
+    model.to(device)
+    if evaluator is None and spec.evaluation is not None:
+        evaluator = evaluate_tasks_evaluator(spec, tasks)
+    evaluate = make_evaluator(tokenizer, tasks, spec.eval_batch_size) if evaluator is None else \
+        (lambda m, stage: evaluator(m, tokenizer, tasks))
+    log(f"stream of {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) on {spec.model}, "
+        f"{len(spec.all_methods())} runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads or threads)
+    try:
+        result = run_stream(model, tasks, spec.all_methods(), spec.settings(),
+                            lm_harness(tokenizer, tasks, device, evaluate), log=log)
+    finally:
+        torch.set_num_threads(threads)
+    result["spec"] = spec.model_dump(mode="json", by_alias=True, exclude={"source_dir"})
+    result["seconds"] = time.perf_counter() - started
+    sweeps_beta = len({run["method"].get("beta") for run in result["runs"] if run["method"]["name"] == "sfa"}) > 1
+    panels = [("p", "SFA over p (one curve per β)")]
+    if sweeps_beta:
+        panels.append(("beta", "SFA over β (one curve per p)"))
+    write_outputs(out_dir, {
+        "results.json": write_json(result),
+        "results.md": lambda path: path.write_text(f"# Task stream: {' → '.join(result['tasks'])}\n\n"
+                                                   + markdown_table(result)),
+        "task_plane.png": lambda path: save_plane_figure(path, result, panels, f"{spec.model}: task plane"),
+    }, force)
+    log(markdown_table(result))
+    log(f"done in {result['seconds']:.0f} s; results in {out_dir}")
+    return Path(out_dir)

@@ -1,0 +1,60 @@
+"""Post-hoc merging baselines: per-task models trained separately from the base, merged
+afterwards by the merge core (``mergelab.merge``), never by a copy of its formulas.
+
+Any ``torch.nn.Module`` works: checkpoints are written as a directory holding one
+``model.safetensors`` (tied tensors stored once), which the merge core reads like any model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from mergelab.continual.sfa import load_state, restore, snapshot
+from mergelab.errors import MergeError
+
+POSTHOC_METHODS = ("task_arithmetic", "ties")
+
+
+def save_checkpoint(model_or_state: torch.nn.Module | dict[str, torch.Tensor], directory: str | Path) -> Path:
+    """Write ``directory/model.safetensors`` (one tensor per tied storage); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = snapshot(model_or_state) if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+    return directory
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+    """Copy the tensors of a checkpoint directory (single or sharded safetensors) into ``model``."""
+    restore(model, load_state(Path(directory)))
+
+
+def merge_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], parameters: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """The mergekit-style config of a post-hoc baseline.
+
+    Defaults: Task Arithmetic with λ = 1/N (θ_b + mean of the task vectors, the paper's equal
+    weights, e.g. "0.5 law, 0.5 math"); TIES with the registry's defaults. ``parameters``
+    overrides them (any parameter of that method, e.g. ``{"lambda": 0.8}`` or ``{"density": 0.5}``).
+    """
+    if method not in POSTHOC_METHODS:
+        raise MergeError(f"post-hoc baseline '{method}' is unknown; choose one of: {', '.join(POSTHOC_METHODS)}")
+    if not expert_dirs:
+        raise MergeError(f"{method} needs at least one per-task model")
+    merged_params: dict[str, Any] = {"lambda": 1.0 / len(expert_dirs)} if method == "task_arithmetic" else {}
+    merged_params.update(parameters or {})
+    return {"merge_method": method, "base_model": str(base_dir),
+            "models": [{"model": str(path)} for path in expert_dirs], "parameters": merged_params}
+
+
+def merge_task_models(method: str, base_dir: Path, expert_dirs: Sequence[Path], out_dir: Path,
+                      parameters: dict[str, Any] | None = None) -> Path:
+    """Merge per-task checkpoints (each fine-tuned from ``base_dir``) with the merge core."""
+    from mergelab import merge
+
+    return merge(merge_config(method, base_dir, expert_dirs, parameters), out_dir, force=True, quiet=True)
