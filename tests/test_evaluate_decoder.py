@@ -137,9 +137,7 @@ def test_eval_cli_writes_csv_and_json(copy_model, tmp_path):
     assert load_tasks(tmp_path / "tasks.yml")[0].size == 3
 
 
-def test_tokenizer_that_does_not_fit_the_model_is_refused(copy_model):
-    from transformers import AutoTokenizer
-
+def test_tokenizer_that_does_not_fit_the_model_is_refused():
     from mergelab import MergeError
 
     model = tiny_llama(vocab_size=8)

@@ -233,12 +233,14 @@ def methods() -> None:
 
 @main.command()
 @click.option("--out", "out", default="mergelab-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="A much smaller world and shorter runs (a smoke test, not a result).")
 @click.option("--quiet", is_flag=True)
-def demo(out: Path, quiet: bool) -> None:
-    """Build tiny Llama-shape checkpoints, merge them with every method, load and score each."""
+def demo(out: Path, quick: bool, quiet: bool) -> None:
+    """Re-run the three papers' central experiments on the built-in demo world; write a report."""
     from mergelab.demo import run_demo
 
-    run_demo(out, quiet=quiet)
+    run_demo(out, quiet=quiet, quick=quick)
+    click.echo(f"report written to {Path(out) / 'report.md'}")
 
 
 @main.command()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -99,6 +99,23 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     if not config.models:
         raise MergeError(f"{where} lists no models; add at least one under 'models'")
     return config
+
+
+def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> tuple[dict, str, Path | None]:
+    """A YAML file (or an already-parsed dict) as a mapping: (data, where to name it in errors,
+    the file's folder for relative paths or None)."""
+    if isinstance(source, dict):
+        return source, what, None
+    path = Path(source)
+    if not path.is_file():
+        raise MergeError(f"{what} {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MergeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path} must be a YAML mapping with {keys_hint}")
+    return data, str(path), path.parent
 
 
 # -- parameter values per tensor -------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.config import MergeConfig, evaluate, layer_index, layer_position, load_config
+from mergelab.devices import check_device
 from mergelab.errors import MergeError
 from mergelab.io import (
     CheckpointReader,
@@ -161,14 +162,7 @@ def _check_options(options: MergeOptions) -> None:
     if options.threads < 1:
         raise MergeError(f"--threads must be at least 1, got {options.threads}")
     parse_size(options.shard_size)
-    try:
-        device = torch.device(options.device)
-    except RuntimeError:
-        raise MergeError(f"--device '{options.device}' is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError(f"--device {options.device}: CUDA is not available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MergeError(f"--device {options.device}: MPS is not available here; use --device cpu")
+    check_device(options.device, "--device")
 
 
 def _assign_roles(cfg: MergeConfig, method: MergeMethod):

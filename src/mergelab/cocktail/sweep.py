@@ -73,13 +73,10 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
 
 def plot_sweep(rows: list[dict], path: Path) -> Path:
     """Target and general score against α (the paper's Figure 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mergelab.plots import new_figure, save_figure
 
     alphas = [r["alpha"] for r in rows]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, (axis,) = new_figure()
     axis.plot(alphas, [r["target"] for r in rows], marker="o", label="target task")
     axis.plot(alphas, [r["general"] for r in rows], marker="s", label="other tasks (mean)")
     axis.set_xlabel("α (weight of the fine-tuned model)")
@@ -87,9 +84,4 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     axis.set_title("LM-Cocktail α sweep")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    partial.replace(path)
-    return path
+    return save_figure(figure, path)

@@ -236,7 +236,7 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
             results[scenario] = run_split_digits(DigitsConfig(scenario=scenario, **config), log=log)
             results[scenario]["comparison"] = compare_families(results[scenario])
     seconds = time.perf_counter() - started
-    lines = [f"# Split digits (sklearn load_digits; task A = even, task B = odd digits)\n",
+    lines = ["# Split digits (sklearn load_digits; task A = even, task B = odd digits)\n",
              f"{seconds:.0f} s in all. Scores: test accuracy, mean over seeds {list(results[scenarios[0]]['seeds'])}"
              f" (± population std of the final score).\n"]
     writers = {}

@@ -24,6 +24,7 @@ from mergelab.continual.report import markdown_table, save_plane_figure, write_j
 from mergelab.continual.spec import StreamSpec, TaskSpec, load_spec
 from mergelab.continual.stream import Harness, Task, run_stream
 from mergelab.demo.tiny import TASKS as DEMO_SKILLS, build_tokenizer, encode, make_examples, tiny_llama
+from mergelab.devices import check_device
 from mergelab.errors import MergeError
 
 Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
@@ -152,12 +153,7 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
     check_output_dir(out_dir, force)  # fail before training, not after
     log = (lambda _: None) if quiet else print
     started = time.perf_counter()
-    try:
-        device = torch.device(spec.device)
-    except RuntimeError:
-        raise MergeError(f"device '{spec.device}' is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError(f"device {spec.device}: CUDA is not available here; set device: cpu")
+    device = check_device(spec.device, "device")
     tasks = [load_task(spec, task, index) for index, task in enumerate(spec.tasks)]
     model, tokenizer = load_model(spec)
     model.to(device)

@@ -139,15 +139,11 @@ def plot_task_plane(ax, result: dict[str, Any], sfa_vary: str = "p", title: str 
 
 def save_plane_figure(path: Path, result: dict[str, Any], panels: list[tuple[str, str]], suptitle: str = "") -> None:
     """A PNG with one task-plane panel per (sfa_vary, title)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
+    from mergelab.plots import new_figure, save_figure
 
-    fig = Figure(figsize=(5.2 * len(panels), 4.8))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (sfa_vary, title) in zip(axes[0], panels):
+    fig, axes = new_figure(len(panels), (5.2 * len(panels), 4.8))
+    for ax, (sfa_vary, title) in zip(axes, panels):
         plot_task_plane(ax, result, sfa_vary, title)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130, format="png")
+    save_figure(fig, path, dpi=130)

@@ -28,10 +28,10 @@ import itertools
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.continual.stream import METHOD_NAMES, Method, TrainSettings
+from mergelab.config import read_yaml_mapping
 from mergelab.errors import MergeError
 
 Number = Union[float, list[float]]
@@ -126,18 +126,8 @@ class StreamSpec(BaseModel):
 
 def load_spec(source: str | Path | dict) -> StreamSpec:
     """Parse and validate a spec from a YAML file path or a dict."""
-    where, source_dir = "the SFA spec", None
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MergeError(f"spec file {path} does not exist; check the path")
-        where, source_dir = str(path), path.parent
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise MergeError(f"{where} is not valid YAML: {exc}") from None
-    if not isinstance(source, dict):
-        raise MergeError(f"{where} must be a YAML mapping with at least 'tasks' and 'method' or 'methods'")
+    source, where, source_dir = read_yaml_mapping(source, "the SFA spec",
+                                                  "at least 'tasks' and 'method' or 'methods'")
     if not source.get("tasks"):
         raise MergeError(f"{where}: the task list is empty; list at least one task under 'tasks' "
                          f"(each with name and train/eval files, data, or demo)")

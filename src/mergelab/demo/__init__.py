@@ -48,7 +48,7 @@ def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path], experts:
     }
 
 
-def sfa_lm_spec(world, out: Path) -> dict:
+def sfa_lm_spec(world, out: Path, steps: int = 150) -> dict:
     """A two-task stream on the demo world's base model: learn add, then sub."""
     from mergelab.demo.tasks import as_training_pair
 
@@ -71,12 +71,21 @@ def sfa_lm_spec(world, out: Path) -> dict:
                     {"method": "l2", "lambda": 0.1}, "rehearsal", "multitask",
                     {"method": "task_arithmetic", "parameters": {"lambda": 0.5}},
                     {"method": "ties", "parameters": {"density": 0.5}}],
-        "steps": 150, "batch_size": 32, "lr": 0.002, "seed": 0, "threads": 1,
+        "steps": steps, "batch_size": 32, "lr": 0.002, "seed": 0, "threads": 1,
     }
 
 
-def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False) -> dict:
-    """Run every part, write ``OUT/report.md`` and ``OUT/results.json``; returns the results."""
+QUICK_WORLD = dict(train_examples=300, validation_examples=100, test_examples=40, base_steps=60, expert_steps=25,
+                   multitask_steps=60, hidden=32, layers=2, intermediate=64)
+
+
+def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool = False,
+             cache: str | Path | None = None) -> dict:
+    """Run every part, write ``OUT/report.md`` and ``OUT/results.json``; returns the results.
+
+    ``quick`` runs the same pipeline on a much smaller world, fewer seeds and shorter
+    training (about a minute; the numbers are then not meant to reproduce anything).
+    """
     from transformers.utils import logging as hf_logging
 
     from mergelab.continual import run_digits_experiment, run_spec
@@ -98,7 +107,9 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False) -> dict:
 
     with torch_threads(1):  # tiny models: one thread is fastest and never stalls on a busy machine
         tick = part("world", "building (or reusing) the demo world")
-        world = build_world(log=log)
+        from mergelab.demo.world import WorldSettings
+
+        world = build_world(WorldSettings(**QUICK_WORLD) if quick else WorldSettings(), cache=cache, log=log)
         results["world"] = {"root": str(world.root), "scores": world.scores, "build_seconds": world.build_seconds}
         results["seconds"]["world"] = time.perf_counter() - tick
 
@@ -107,24 +118,27 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False) -> dict:
         results["seconds"]["methods"] = time.perf_counter() - tick
 
         tick = part("cocktail", "LM-Cocktail: three targets, few-shot study, α sweep")
-        results["cocktail"] = cocktail_study(world, out / "cocktail", log)
+        results["cocktail"] = cocktail_study(world, out / "cocktail", log,
+                                             alphas=(0.0, 0.5, 1.0) if quick else None)
         results["seconds"]["cocktail"] = time.perf_counter() - tick
 
         tick = part("grid", "merging at scale: 4 methods × {2, 4} experts × 2 seeds")
         shutil.rmtree(out / "grid", ignore_errors=True)
-        run_grid(demo_spec(world), out / "grid", log=lambda *_: None)
+        spec = demo_spec(world, n_experts=(2, 4), seeds=(0,) if quick else (0, 1))
+        run_grid(spec, out / "grid", log=lambda *_: None)
         results["grid"] = json.loads((out / "grid" / "summary.json").read_text())
         results["seconds"]["grid"] = time.perf_counter() - tick
 
         tick = part("sfa", f"SFA on the demo LM: learn {' then '.join(SFA_TASKS)}")
-        spec = sfa_lm_spec(world, out / "sfa-inputs")
+        spec = sfa_lm_spec(world, out / "sfa-inputs", steps=20 if quick else 150)
         (out / "sfa-inputs" / "spec.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
         run_spec(spec, out / "sfa-lm", force=True, quiet=True)
         results["sfa_lm"] = json.loads((out / "sfa-lm" / "results.json").read_text())
         results["seconds"]["sfa_lm"] = time.perf_counter() - tick
 
         tick = part("digits", "SFA on split digits (scikit-learn)")
-        run_digits_experiment(out / "sfa-digits", force=True, quiet=True)
+        quick_digits = dict(seeds=(0,), sfa_beta=(0.5,), l2_lambda=(0.1,), ewc_lambda=(1e3,)) if quick else {}
+        run_digits_experiment(out / "sfa-digits", force=True, quiet=True, **quick_digits)
         results["sfa_digits"] = json.loads((out / "sfa-digits" / "results.json").read_text())
         results["seconds"]["sfa_digits"] = time.perf_counter() - tick
 

@@ -60,7 +60,7 @@ def every_method_study(world: World, out: Path, log: Callable[[str], None]) -> d
     return {"experts": list(experts), "scores": rows}
 
 
-def cocktail_study(world: World, out: Path, log: Callable[[str], None]) -> dict:
+def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=None) -> dict:
     """For each target task: base, expert, LM-Cocktail (full, 5 examples), mono-specialist;
     the few-shot study (5 / 50 / 100 examples); and the α sweep on the first target."""
     results = {"targets": {}, "sweep": None}
@@ -88,7 +88,7 @@ def cocktail_study(world: World, out: Path, log: Callable[[str], None]) -> dict:
             f"cocktail {entry['cocktail']['target']:.2f}/{entry['cocktail']['others']:.2f} (target/others)")
     target = COCKTAIL_TARGETS[0]
     rows = alpha_sweep(out / "sweep", finetuned=world.experts[target], base=world.base, target=[target],
-                       evaluate=lambda model_dir: score_all(model_dir, world))
+                       evaluate=lambda model_dir: score_all(model_dir, world), **({"alphas": alphas} if alphas else {}))
     results["sweep"] = {"target": target, "rows": [{"alpha": r["alpha"], "target": r["target"],
                                                     "others": r["general"]} for r in rows],
                         "plot": str(out / "sweep" / "sweep.png")}

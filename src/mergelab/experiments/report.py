@@ -60,12 +60,9 @@ def markdown_table(summary: dict) -> str:
 
 def plot_grid(summary: dict, path: Path) -> Path:
     """Normalized held-in and held-out vs number of experts, one line per method."""
-    import matplotlib
+    from mergelab.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    figure, axes = new_figure(2, (9, 3.6))
     for axis, split, title in ((axes[0], "held_in", "held-in tasks"), (axes[1], "held_out", "held-out tasks")):
         for method, by_n in summary["cells"].items():
             ns = sorted(n for n in by_n if split in by_n[n])
@@ -80,12 +77,7 @@ def plot_grid(summary: dict, path: Path) -> Path:
         axis.set_ylabel("normalized performance")
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=120)
-    plt.close(figure)
-    partial.replace(path)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(rows: list[dict], tasks, out_dir: Path) -> dict:

@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mergelab.config import read_yaml_mapping
 from mergelab.errors import MergeError
 from mergelab.evaluate import Task, load_tasks
 from mergelab.methods import get_method
@@ -62,19 +62,7 @@ class GridSpec(BaseModel):
 
 def load_spec(source: str | Path | dict) -> GridSpec:
     """Parse and validate a grid spec before anything is merged."""
-    base_dir = None
-    where = "grid spec"
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MergeError(f"grid spec {path} does not exist")
-        where, base_dir = str(path), path.parent
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise MergeError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(source, dict):
-        raise MergeError(f"{where} must be a mapping with base, experts, methods, n_experts, tasks")
+    source, where, base_dir = read_yaml_mapping(source, "grid spec", "base, experts, methods, n_experts, tasks")
     try:
         spec = GridSpec.model_validate(source)
     except ValidationError as exc:

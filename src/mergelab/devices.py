@@ -1,0 +1,20 @@
+"""Checking a device name before any work starts."""
+
+from __future__ import annotations
+
+import torch
+
+from mergelab.errors import MergeError
+
+
+def check_device(name: str, what: str = "device") -> torch.device:
+    """``torch.device(name)``, or a MergeError when it is malformed or absent on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MergeError(f"{what} '{name}' is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"{what} {name}: CUDA is not available here; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeError(f"{what} {name}: MPS is not available here; use cpu")
+    return device
