@@ -86,3 +86,18 @@ def test_finetuned_encoder_wins_the_weight_and_the_merge_embeds(minilm_dir, fine
     assert 0.5 < float((vectors * base_vectors).sum(1).mean()) < 0.99999  # moved, but still the same model family
     merged_loss = fewshot_losses([tmp_path / "merged"], examples, **options)[0]
     assert tuned_loss <= merged_loss <= base_loss + 1e-6
+
+
+def test_plain_automodel_directory_works_with_cls_pooling(minilm_dir, tmp_path):
+    """A directory saved by AutoModel.save_pretrained (no sentence-transformers files)."""
+    plain = tmp_path / "plain"
+    AutoModel.from_pretrained(minilm_dir).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(plain)
+    examples = retrieval_examples()
+    options = dict(model_type="encoder", neg_number=3)
+    [cls_loss] = fewshot_losses([plain], examples, **options)
+    [explicit] = fewshot_losses([plain], examples, pooling="cls", **options)
+    [mean_loss] = fewshot_losses([plain], examples, pooling="mean", **options)
+    assert cls_loss == pytest.approx(explicit) and cls_loss != pytest.approx(mean_loss)
+    [st_loss] = fewshot_losses([minilm_dir], examples, **options)  # its 1_Pooling config says mean
+    assert st_loss == pytest.approx(mean_loss, abs=1e-5)
