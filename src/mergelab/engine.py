@@ -133,7 +133,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     sources = ([base] if base else []) + experts
     check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
 
-    skipped = _check_tensors(sources)
+    skipped = check_tensors(sources)
     fishers = _open_fishers(experts, cfg) if method.uses_fisher else None
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
@@ -231,7 +231,7 @@ def _rebuilt_buffer(reader: CheckpointReader, name: str) -> bool:
     return name.rsplit(".", 1)[-1] in REBUILT_BUFFERS and not reader.tensors[name].dtype.is_floating_point
 
 
-def _check_tensors(sources: list[Source]) -> set[str]:
+def check_tensors(sources: list[Source]) -> set[str]:
     """Check names, shapes, dtypes and integer buffers agree; return the names to leave out
     (legacy ``position_ids`` buffers some of the checkpoints carry and others don't)."""
     reference = sources[0]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mergelab.engine import Source, _check_tensors
+from mergelab.engine import Source, check_tensors
+from mergelab.errors import MergeError
 from mergelab.io import CheckpointReader, resolve_model
 from mergelab.methods.sparsify import magnitude_mask
 
@@ -31,15 +32,13 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
         >>> report = inspect_task_vectors("base", ["math", "code"])  # doctest: +SKIP
         >>> report["overall"]["cosine"]["math | code"]  # doctest: +SKIP
     """
-    from mergelab.errors import MergeError
-
     if len(models) < 2:
         raise MergeError("inspect needs at least two fine-tuned models besides --base")
     if not 0 < density <= 1:
         raise MergeError(f"--density must be in (0, 1], got {density}")
     labels = [str(m) for m in models]
     sources = [Source(str(ref), CheckpointReader(resolve_model(ref), label=str(ref)), {}) for ref in [base, *models]]
-    skipped = _check_tensors(sources)
+    skipped = check_tensors(sources)
     base_source, experts = sources[0], sources[1:]
     pairs = list(itertools.combinations(range(len(experts)), 2))
     dots = torch.zeros(len(pairs), dtype=torch.float64)
