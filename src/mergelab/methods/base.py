@@ -3,8 +3,9 @@
 A method is called as ``fn(tensors, base, **params) -> Tensor`` where ``tensors`` are the N
 expert tensors in float32 (or float64), ``base`` is the base tensor or None, per-model
 parameters arrive as lists (one entry per expert) and global ones as scalars. Methods may
-overwrite the tensors in ``tensors`` (the engine hands them private copies, which keeps peak
-memory near N+1 tensors); they never touch ``base`` and keep no reference after returning.
+overwrite the tensors in ``tensors`` and drop them from the list once used (the engine hands
+over private copies, which keeps peak memory near N+1 tensors); they never touch ``base``
+and keep no reference after returning.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class MergeMethod:
         return next((p for p in self.params if p.name == name), None)
 
     def __call__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any) -> torch.Tensor:
-        return self.fn(list(tensors), base, **self.extra, **params)
+        return self.fn(tensors if isinstance(tensors, list) else list(tensors), base, **self.extra, **params)
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -20,12 +20,13 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:
         return 0.0
     if k <= 0:
         return float("inf")
-    bits = magnitudes.view(torch.int32)  # (n,), order-preserving for values >= 0
-    high = bits >> 16
-    counts = torch.bincount(high, minlength=1 << 16)  # (65536,)
+    # The top 16 bits of each (little-endian) float32, as a strided int16 view: no copy. The
+    # sign bit is 0, so they read as 0..32767 and order like the values.
+    high = magnitudes.view(torch.int16)[1::2]  # (n,)
+    counts = torch.bincount(high, minlength=1 << 15)  # (32768,)
     from_top = counts.flip(0).cumsum(0)
     rank = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)).item())
-    bucket = (1 << 16) - 1 - rank
+    bucket = (1 << 15) - 1 - rank
     above = int(from_top[rank - 1].item()) if rank > 0 else 0
     candidates = magnitudes[high == bucket]
     needed = k - above  # how many of the bucket's entries are in the top k

@@ -37,36 +37,47 @@ def generalized_task_arithmetic(
     if scale:
         raise TypeError(f"unexpected parameters {sorted(scale)}")
     densities = density or [1.0] * len(tensors)
-    deltas = []
-    for index, (tensor, w, d) in enumerate(zip(tensors, weight, densities)):
-        delta = tensor.sub_(base)  # τ_i, reusing the expert's buffer
+    for index, (w, d) in enumerate(zip(weight, densities)):
+        delta = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
         if sparsify == "magnitude" and d < 1.0:
             delta.mul_(magnitude_mask(delta, d))
         elif sparsify == "random" and d < 1.0:
             delta.mul_(dare_mask(delta.shape, d, seed, index, key).to(delta.device)).div_(d if rescale else 1.0)
-        deltas.append(delta.mul_(w))
-
-    if consensus is None:
-        merged = deltas[0]
-        for delta in deltas[1:]:
-            merged.add_(delta)
-        if normalize:
-            total = sum(weight)
-            merged.div_(total if abs(total) > 1e-12 else 1.0)
-    else:
-        elected = torch.zeros_like(base)
-        for delta in deltas:
-            elected.add_(delta)
-        elected = torch.where(elected >= 0, 1.0, -1.0).to(torch.int8)  # γ; ties go to +
-        merged = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if normalize else None
-        for delta, w in zip(deltas, weight):
-            agrees = torch.sign(delta).to(torch.int8) == elected  # zeros never agree
-            merged.add_(delta * agrees)
-            if divisor is not None:
-                divisor.add_(agrees, alpha=w)
-        del elected
-        if divisor is not None:
-            divisor[divisor == 0] = 1.0
-            merged.div_(divisor)
+        delta.mul_(w)
+    merged = _sign_consensus(tensors, weight, normalize) if consensus else _plain_sum(tensors, weight, normalize)
     return merged.mul_(lam).add_(base)
+
+
+def _plain_sum(deltas: list, weight: list[float], normalize: bool) -> torch.Tensor:
+    merged = deltas[0]
+    for index in range(1, len(deltas)):
+        merged.add_(deltas[index])
+        deltas[index] = None  # release as we go: the caller hands its buffers over
+    total = sum(weight)
+    return merged.div_(total if normalize and abs(total) > 1e-12 else 1.0)
+
+
+def _sign_consensus(deltas: list, weight: list[float], normalize: bool) -> torch.Tensor:
+    """TIES elect + disjoint sum (or mean), holding at most one extra float tensor at a time
+    besides the deltas, which are released one by one."""
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total.add_(delta)
+    positive = total >= 0  # γ = +1 here (ties go to +), bool
+    del total
+    merged = torch.zeros_like(deltas[0])
+    equal_weights = len(set(weight)) == 1
+    if normalize:  # how much weight agreed, per entry
+        divisor = torch.zeros(merged.shape, dtype=torch.uint8 if equal_weights else merged.dtype,
+                              device=merged.device)
+    for index, w in enumerate(weight):
+        delta = deltas[index]
+        agrees = torch.where(positive, delta > 0, delta < 0)  # zeros never agree
+        merged.add_(delta.mul_(agrees))
+        if normalize:
+            divisor.add_(agrees if equal_weights else agrees * w)
+        deltas[index] = delta = None
+    if normalize:
+        scale = divisor.to(merged.dtype).mul_(weight[0]) if equal_weights else divisor
+        merged.div_(scale.masked_fill_(scale == 0, 1.0))
+    return merged
