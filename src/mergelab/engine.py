@@ -416,30 +416,48 @@ def execute(plan: MergePlan) -> Path:
     return plan.out_dir
 
 
-def _load(source_reader: CheckpointReader, name: str, device: torch.device, dtype: torch.dtype,
-          label: str) -> torch.Tensor:
-    tensor = source_reader.get(name).to(device=device, dtype=dtype)
-    # One reduction, no mask allocated: NaN/Inf propagate into the sum (finite weights cannot
-    # overflow float32 here); only a bad sum pays for the exact count.
-    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise MergeError(f"{label}: tensor '{name}' contains {bad} NaN/Inf values; fix or re-export that checkpoint")
-    return tensor
+def _inputs(plan: MergePlan) -> list[tuple[CheckpointReader, str]]:
+    """Every (reader, label) a merged tensor is computed from."""
+    sources = ([plan.base] if plan.base else []) + plan.experts
+    return [(s.reader, f"model '{s.ref}'") for s in sources] + [(r, r.label) for r in plan.fishers or []]
 
 
 def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
     if job.params is None:
         return plan.reference.reader.get(job.name)
     dtype = plan.compute_dtype
-    base = _load(plan.base.reader, job.name, device, dtype, f"model '{plan.base.ref}'") if plan.base else None
-    tensors = [_load(s.reader, job.name, device, dtype, f"model '{s.ref}'") for s in plan.experts]
+
+    def load(reader: CheckpointReader) -> torch.Tensor:
+        return reader.get(job.name).to(device=device, dtype=dtype)
+
+    base = load(plan.base.reader) if plan.base else None
+    tensors = [load(s.reader) for s in plan.experts]
     extra: dict[str, Any] = {}
     if plan.method.uses_seed:
         extra.update(seed=plan.options.seed, key=job.name)
     if plan.fishers is not None:
-        extra["fisher"] = [_load(reader, job.name, device, dtype, reader.label) for reader in plan.fishers]
+        extra["fisher"] = [load(reader) for reader in plan.fishers]
     merged = plan.method(tensors, base, **job.params, **extra)
-    return merged.to(dtype=job.out_dtype).cpu()
+    out = merged.to(dtype=job.out_dtype)
+    # NaN and Inf in any input propagate into the result (even through a zero weight or mask:
+    # 0·NaN = NaN), so one float64 reduction of the output guards every input at once; only
+    # a bad result pays for finding the culprit.
+    if not bool(torch.isfinite(merged.sum(dtype=torch.float64))) or (
+            job.out_dtype == torch.float16 and not bool(torch.isfinite(out).all())):
+        _explain_non_finite(plan, job)
+    return out.cpu()
+
+
+def _explain_non_finite(plan: MergePlan, job: TensorJob) -> None:
+    for reader, label in _inputs(plan):
+        tensor = reader.get(job.name)
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MergeError(f"{label}: tensor '{job.name}' contains {bad} NaN/Inf values; "
+                             f"fix or re-export that checkpoint")
+    raise MergeError(f"merging tensor '{job.name}' with {plan.method.name} produced NaN/Inf values from finite "
+                     f"inputs (they overflow {str(job.out_dtype).removeprefix('torch.')}?); check the weights and "
+                     f"lambda, or choose a wider out_dtype")
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
