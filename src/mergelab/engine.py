@@ -440,10 +440,11 @@ def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torc
     merged = plan.method(tensors, base, **job.params, **extra)
     out = merged.to(dtype=job.out_dtype)
     # NaN and Inf in any input propagate into the result (even through a zero weight or mask:
-    # 0·NaN = NaN), so one float64 reduction of the output guards every input at once; only
-    # a bad result pays for finding the culprit.
-    if not bool(torch.isfinite(merged.sum(dtype=torch.float64))) or (
-            job.out_dtype == torch.float16 and not bool(torch.isfinite(out).all())):
+    # 0·NaN = NaN), so one reduction of the output guards every input at once. A sum that
+    # overflows is confirmed entry by entry before anything is blamed; a bad result pays for
+    # finding the culprit. (sum(dtype=float64) would copy the tensor to float64 first.)
+    suspicious = not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all())
+    if suspicious or (job.out_dtype == torch.float16 and not bool(torch.isfinite(out).all())):
         _explain_non_finite(plan, job)
     return out.cpu()
 
