@@ -136,9 +136,10 @@ def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
     tasks = result["tasks"]
     runs = {run["label"]: run for run in result["runs"]}
     final = {label: run["accuracy_matrix"][-1] for label, run in runs.items()}
+    kind = {label: run["method"]["name"] for label, run in runs.items()}
     old, new = 0, len(tasks) - 1
-    sequential = final.get("sequential")
-    sfa_labels = [label for label in final if label.startswith("sfa")]
+    sequential = next((final[label] for label in final if kind[label] == "sequential"), None)
+    sfa_labels = [label for label in final if kind[label] == "sfa"]
     lines = [f"Stream: {' → '.join(tasks)} on the demo world's base model; scores are test accuracy "
              f"(rank classification).", "", markdown_table(result), "![task plane](sfa-lm/task_plane.png)"]
     verdicts = []
@@ -159,7 +160,7 @@ def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
                         + ", ".join(f"p={p:g}: {s:.2f}" for p, s in by_p) + f"): **{verdict(monotone)}**.")
     averages = {label: run["average_accuracy"] for label, run in runs.items()}
     best_sfa = max((averages[l] for l in sfa_labels), default=None)
-    penalties = {l: a for l, a in averages.items() if l.startswith(("l2", "ewc"))}
+    penalties = {l: a for l, a in averages.items() if kind[l] in ("l2", "ewc")}
     if best_sfa is not None and penalties:
         ok = best_sfa >= max(penalties.values()) - 0.005
         verdicts.append(f"- SFA matches or beats the L2/EWC penalties (average accuracy: best SFA {best_sfa:.3f}; "
