@@ -1,6 +1,6 @@
 """LM-Cocktail weights: 4 decoder candidates of ~25M parameters, 5 examples, CPU.
 
-    python benchmarks/bench_cocktail.py [--repeats 3]
+    python benchmarks/bench_cocktail.py [--repeats 3] [--threads 1]
 
 Issue #3 target: <= 1.5 s after imports, loading the models from disk included.
 """
@@ -43,7 +43,10 @@ def build_candidates(root: Path, count: int = 4) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     from mergelab.cocktail import fewshot_weights

@@ -1,6 +1,6 @@
 """Rank classification throughput: 500 four-option items on a ~5M-parameter Llama, CPU.
 
-    python benchmarks/bench_eval.py [--items 500] [--batch-size 32] [--repeats 3]
+    python benchmarks/bench_eval.py [--items 500] [--batch-size 32] [--repeats 3] [--threads 1]
 
 Issue #5 target: <= 10 s on a 2-core machine.
 """
@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
