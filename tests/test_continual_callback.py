@@ -19,12 +19,7 @@ from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llam
 STEPS, BATCH, LR = 6, 4, 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from mergelab.continual import SFA, averaging_interval, l2_distance, save_checkp
 from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(seed: int = 0) -> torch.nn.Module:

@@ -15,12 +15,7 @@ from mergelab.evaluate.continual import average_accuracy, backward_transfer, for
 SETTINGS = TrainSettings(steps=60, batch_size=16, lr=0.05, optimizer="sgd", momentum=0.9, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

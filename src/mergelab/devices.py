@@ -1,6 +1,8 @@
-"""Checking a device name before any work starts."""
+"""Devices and CPU threads: checked before any work starts, set for a block of work."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -18,3 +20,15 @@ def check_device(name: str, what: str = "device") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MergeError(f"{what} {name}: MPS is not available here; use cpu")
     return device
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run a block with ``count`` torch CPU threads. Tiny models are fastest on one thread;
+    more only add synchronisation, and spin badly when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

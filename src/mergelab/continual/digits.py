@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mergelab.continual.stream import Harness, Method, Task, TrainSettings, run_stream
+from mergelab.devices import torch_threads
 from mergelab.errors import MergeError
 
 SCENARIOS = {"class": 10, "domain": 5}  # number of outputs
@@ -230,7 +231,7 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
     log = (lambda _: None) if quiet else print
     started = time.perf_counter()
     results = {}
-    with _one_thread():  # a tiny MLP: threads only add overhead (and stall on a busy machine)
+    with torch_threads(1):  # a tiny MLP: threads only add overhead (and stall on a busy machine)
         for scenario in scenarios:
             log(f"split digits, {scenario}-incremental")
             results[scenario] = run_split_digits(DigitsConfig(scenario=scenario, **config), log=log)
@@ -257,12 +258,3 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
 
 _SCENARIO_TEXT = {"class": "one 10-way head; the model must name the digit among all ten",
                   "domain": "5 outputs, target = digit // 2, shared by both tasks"}
-
-
-class _one_thread:
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import yaml
 
-from mergelab.demo.tiny import torch_threads
+from mergelab.devices import torch_threads
 
 SFA_TASKS = ("add", "sub")  # learnt in this order; sub interferes with add
 

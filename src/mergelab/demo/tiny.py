@@ -9,7 +9,6 @@ expert's task vector points somewhere else and merging has something to trade of
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -137,14 +136,3 @@ def build_checkpoints(root: Path, seed: int = 0, base_steps: int = 60, expert_st
         log(f"  expert '{task}' fine-tuned ({expert_steps} steps)")
     return paths
 
-
-@contextmanager
-def torch_threads(count: int):
-    """Run a block with ``count`` torch threads. Tiny models are fastest on one thread; more
-    only add synchronisation, and spin badly when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

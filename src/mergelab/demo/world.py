@@ -23,7 +23,8 @@ from typing import Callable
 import yaml
 
 from mergelab.demo.tasks import VOCABULARY, WORLD_TASKS, as_training_pair, make_split
-from mergelab.demo.tiny import build_tokenizer, save, tiny_llama, torch_threads, train
+from mergelab.demo.tiny import build_tokenizer, save, tiny_llama, train
+from mergelab.devices import torch_threads
 
 WORLD_VERSION = 1  # bump when tasks or training change, so stale caches are not reused
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from mergelab.devices import torch_threads
 from mergelab.errors import MergeError
 from mergelab.evaluate import evaluate_models, load_tasks, normalize, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
@@ -132,8 +133,6 @@ def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executo
         >>> run_grid("grid.yml", "grid-out")  # doctest: +SKIP
     """
     if threads is not None:
-        from mergelab.demo.tiny import torch_threads
-
         with torch_threads(threads):
             return run_grid(spec, out_dir, executor=executor, address=address, keep_models=keep_models, log=log)
     spec = spec if isinstance(spec, GridSpec) else load_spec(spec)
