@@ -175,6 +175,7 @@ def table(results: dict) -> str:
     for case, r in results.items():
         target = f"<= {r['target_wall_s']:g} s, <= {r['target_rss_gb']:g} GB" if "met" in r else ""
         met = ("yes" if r["met"] else "**no**") if "met" in r else ""
+        met += "" if any(x["quiet"] for x in r["runs"]) else " (no quiet run)"
         walls = ", ".join(f"{x['wall_s']:.1f} ({x['others_cpu_s']:.0f})" for x in r["runs"])
         c = r["check"]
         check = ("ok" if c["ok"] else "**differs**") + (f" ({c['frac_differ']:.2%} differ)" if c["frac_differ"] else "")
@@ -226,14 +227,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     configs = write_configs(args.data, args.out)
     warm_cache(args.data)
-    results = {}
+    stored = {"meta": {}, "results": {}}
     if args.only and args.results.is_file():  # a partial run updates the stored results
-        results = json.loads(args.results.read_text())["results"]
+        stored = json.loads(args.results.read_text())
+    results = stored["results"]
     for case, (command, out_dir) in cases(args, configs, args.out).items():
         print(f"{case}: {' '.join(command)}", flush=True)
         results[case] = run_case(args, case, command, out_dir)
     print(table(results))
-    meta = run_meta(args)
+    meta = {**stored["meta"], **run_meta(args)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.results}")

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# Torch's CPU allocator backs large tensors with transparent huge pages when this is set
+# before torch is imported: merges allocate hundreds of MB per tensor, and faulting those
+# pages in 4 KB at a time cost ~30% of a 748M-parameter merge (benchmarks/README.md).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import click
 

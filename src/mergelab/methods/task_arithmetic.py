@@ -72,7 +72,8 @@ def _sign_consensus(deltas: list, weight: list[float], normalize: bool) -> torch
                               device=merged.device)
     for index, w in enumerate(weight):
         delta = deltas[index]
-        agrees = torch.where(positive, delta > 0, delta < 0)  # zeros never agree
+        agrees = (delta > 0) == positive
+        agrees &= delta != 0  # zeros never agree
         merged.add_(delta.mul_(agrees))
         if normalize:
             divisor.add_(agrees if equal_weights else agrees * w)
