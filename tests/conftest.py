@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from mergelab.demo.tiny import build_tokenizer, tiny_llama
+
+# Tests never reach a network: a path that does not exist must not turn into a hub download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def perturbed(model, seed: int, scale: float = 0.02):
