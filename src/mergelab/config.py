@@ -10,6 +10,7 @@ Per-model parameters given at the top level apply to every model, as in mergekit
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Union
@@ -99,6 +100,29 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     if not config.models:
         raise MergeError(f"{where} lists no models; add at least one under 'models'")
     return config
+
+
+def read_records(path: str | Path, what: str = "data file") -> list | dict:
+    """The records of a JSONL, JSON (list or object) or YAML file.
+
+    A ``.json`` file that holds one object per line is read as JSONL too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"{what} {path} does not exist; check the path")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yml", ".yaml"):
+            return yaml.safe_load(text)
+        if path.suffix != ".jsonl":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                if not text.lstrip().startswith("{"):
+                    raise
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise MergeError(f"{path} is neither JSON, JSONL nor YAML ({exc})") from None
 
 
 def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> tuple[dict, str, Path | None]:

@@ -3,13 +3,13 @@ with the checkpoint's tensor names, for ``merge_method: fisher``."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from mergelab.config import read_records
 from mergelab.errors import MergeError
 
 
@@ -17,13 +17,9 @@ def read_texts(path: str | Path) -> list[str]:
     """Texts from a JSON list or a JSONL file: strings, ``{"text": ...}`` or
     ``{"input": ..., "output": ...}`` (joined by a space)."""
     path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"data file {path} does not exist")
-    raw = path.read_text()
-    try:
-        items = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(l) for l in raw.splitlines() if l.strip()]
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{path} is neither a JSON list nor JSONL ({exc})") from None
+    items = read_records(path)
+    if not isinstance(items, list):
+        raise MergeError(f"{path} must hold a list of examples (JSON list or JSONL)")
     texts = []
     for number, item in enumerate(items):
         if isinstance(item, str):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from mergelab.cocktail.loss import candidate_loss, check_examples
+from mergelab.config import read_records
 from mergelab.errors import MergeError
 
 
@@ -64,16 +64,7 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
 def load_examples(source: str | Path | Sequence[dict] | Mapping[str, Sequence[dict]]) -> list[dict] | dict:
     """Examples from a JSON list / JSONL file, a list of dicts, or a dict of task -> examples."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise MergeError(f"examples file {path} does not exist")
-        text = path.read_text()
-        try:
-            if path.suffix == ".jsonl" or not text.lstrip().startswith(("[", "{")):
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MergeError(f"{path} is neither JSON nor JSONL ({exc})") from None
+        return read_records(source, "examples file")
     return source
 
 

@@ -12,7 +12,6 @@ any ``evaluator(model, tokenizer, tasks) -> {task: score}``.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from mergelab.continual.spec import StreamSpec, TaskSpec, load_spec
 from mergelab.continual.stream import Harness, Task, run_stream
 from mergelab.demo.tiny import TASKS as DEMO_SKILLS, build_tokenizer, encode, make_examples, tiny_llama
 from mergelab.devices import check_device
+from mergelab.config import read_records
 from mergelab.errors import MergeError
 
 Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
@@ -33,14 +33,9 @@ Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
 def read_examples(path: str | Path) -> list[dict[str, str]]:
     """``{"input", "output"}`` examples from a JSON list or a JSONL file."""
     path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"task file {path} does not exist; check the path in the spec")
-    raw = path.read_text()
-    try:
-        items = json.loads(raw) if raw.lstrip().startswith("[") else \
-            [json.loads(line) for line in raw.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{path} is neither a JSON list nor JSONL ({exc})") from None
+    items = read_records(path, "task file")
+    if not isinstance(items, list):
+        raise MergeError(f"{path} must hold a list of examples (JSON list or JSONL)")
     for number, item in enumerate(items):
         if not (isinstance(item, dict) and isinstance(item.get("input"), str) and isinstance(item.get("output"), str)):
             raise MergeError(f"{path}: example {number} must be an object with string fields 'input' and 'output'")

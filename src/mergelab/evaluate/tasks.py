@@ -23,14 +23,13 @@ Examples per kind:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mergelab.config import read_records
 from mergelab.errors import MergeError
 
 KINDS = ("rank_classification", "generation", "loss", "retrieval")
@@ -76,20 +75,6 @@ def metric_k(metric: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def _read_records(path: Path) -> list | dict:
-    if not path.is_file():
-        raise MergeError(f"data file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if path.suffix in (".yml", ".yaml"):
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise MergeError(f"{path} cannot be parsed ({exc})") from None
-
-
 def _as_mapping(value: Any, where: str, key: str = "id", text: str = "text") -> dict[str, str]:
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
@@ -121,7 +106,7 @@ def _resolve(raw: dict[str, Any], base_dir: Path | None, where: str) -> dict[str
     def load(value):
         if isinstance(value, str):
             path = Path(value)
-            return _read_records(path if path.is_absolute() or base_dir is None else base_dir / path)
+            return read_records(path if path.is_absolute() or base_dir is None else base_dir / path)
         return value
 
     if "data" in raw:
@@ -216,7 +201,7 @@ def load_tasks(source: str | Path | list | dict) -> list[Task]:
         if not path.is_file():
             raise MergeError(f"tasks file {path} does not exist")
         base_dir = path.parent
-        source = _read_records(path)
+        source = read_records(path)
     if isinstance(source, dict):
         source = source.get("tasks", [source])
     if not isinstance(source, list) or not source:
