@@ -50,20 +50,17 @@ def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path], experts:
 
 def sfa_lm_spec(world, out: Path, steps: int = 150) -> dict:
     """A two-task stream on the demo world's base model: learn add, then sub."""
-    from mergelab.demo.tasks import as_training_pair
-
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     tasks, evaluation = [], []
     for name in SFA_TASKS:
         for split in ("train", "test"):
-            with open(world.root / "data" / name / f"{split}.jsonl") as handle:
-                pairs = [as_training_pair(json.loads(line)) for line in handle]
+            pairs = world.pairs(name, split)
             (data / f"{name}.{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tasks.append({"name": name, "train": str(data / f"{name}.train.jsonl"),
                       "eval": str(data / f"{name}.test.jsonl")})
         evaluation.append({"name": name, "kind": "rank_classification", "category": "arithmetic",
-                           "split": "held_in", "data": str(world.root / "data" / name / "test.jsonl")})
+                           "split": "held_in", "data": str(world.data_file(name, "test"))})
     (out / "tasks.yml").write_text(yaml.safe_dump({"tasks": evaluation}))
     return {
         "model": str(world.base), "tasks": tasks, "evaluation": str(out / "tasks.yml"),

@@ -7,7 +7,6 @@ nothing here is hard-coded: every number comes from a merge and an evaluation ru
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -31,14 +30,6 @@ def split_scores(scores: dict[str, float], target: str) -> dict[str, float]:
     return {"target": scores[target], "others": sum(others) / len(others)}
 
 
-def validation_examples(world: World, task: str, count: int) -> list[dict[str, str]]:
-    from mergelab.demo.tasks import as_training_pair
-
-    with open(world.root / "data" / task / "validation.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
-    return [as_training_pair(r) for r in rows[:count]]
-
-
 def every_method_study(world: World, out: Path, log: Callable[[str], None]) -> dict:
     """Base + three experts merged with every registered method, scored on every task."""
     from mergelab import merge
@@ -48,7 +39,7 @@ def every_method_study(world: World, out: Path, log: Callable[[str], None]) -> d
     experts = {t: world.experts[t] for t in COCKTAIL_TARGETS}
     fishers = {}
     for task, path in experts.items():
-        texts = [f"{e['input']} {e['output']}" for e in validation_examples(world, task, 32)]
+        texts = [f"{e['input']} {e['output']}" for e in world.pairs(task, "validation", 32)]
         fishers[task] = estimate_fisher(path, texts, out / "fisher" / f"{task}.safetensors", force=True)
     rows = {"base": world.scores["base"], **{f"expert-{t}": world.scores[f"expert-{t}"] for t in experts}}
     for method, config in demo_configs({"base": world.base, **experts}, fishers, list(experts)).items():
@@ -72,7 +63,7 @@ def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=N
         for count in FEW_SHOT:
             merged = out / "models" / f"{target}-full-{count}"
             decision = cocktail(merged, finetuned=expert, base=world.base, peers=peers,
-                                examples=validation_examples(world, target, count), recipe="full", alpha=0.5,
+                                examples=world.pairs(target, "validation", count), recipe="full", alpha=0.5,
                                 force=True)
             scores = split_scores(score_all(merged, world), target)
             shutil.rmtree(merged)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import yaml
 
+from mergelab.config import read_records
 from mergelab.demo.tasks import VOCABULARY, WORLD_TASKS, as_training_pair, make_split
 from mergelab.demo.tiny import build_tokenizer, save, tiny_llama, train
 from mergelab.devices import torch_threads
@@ -75,6 +76,14 @@ class World:
     def experts(self) -> dict[str, Path]:
         return {t.name: self.root / "models" / f"expert-{t.name}" for t in WORLD_TASKS if t.split == "held_in"}
 
+    def data_file(self, task: str, split: str) -> Path:
+        return self.root / "data" / task / f"{split}.jsonl"
+
+    def pairs(self, task: str, split: str, count: int | None = None) -> list[dict[str, str]]:
+        """(input, output) pairs of one task's split, as a model is trained on them."""
+        rows = read_records(self.data_file(task, split))
+        return [as_training_pair(row) for row in rows[:count]]
+
     def tasks_file(self, split: str = "test") -> Path:
         return self.root / f"tasks-{split}.yml"
 
@@ -126,11 +135,10 @@ def _write_tasks(world: World) -> None:
     counts = {"train": settings.train_examples, "validation": settings.validation_examples,
               "test": settings.test_examples}
     for task in WORLD_TASKS:
-        folder = world.root / "data" / task.name
-        folder.mkdir(parents=True)
         for split, count in counts.items():
-            rows = make_split(task, split, count, settings.seed)
-            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            path = world.data_file(task.name, split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in make_split(task, split, count, settings.seed)))
     for split in ("validation", "test"):
         tasks = [{"name": t.name, "category": t.category, "split": t.split, "kind": t.kind, "metric": t.metric,
                   "data": f"data/{t.name}/{split}.jsonl", "options": {"max_new_tokens": 8}} for t in WORLD_TASKS]
@@ -138,11 +146,7 @@ def _write_tasks(world: World) -> None:
 
 
 def training_pairs(world: World, names: list[str]) -> list[dict[str, str]]:
-    pairs = []
-    for name in names:
-        with open(world.root / "data" / name / "train.jsonl") as handle:
-            pairs += [as_training_pair(json.loads(line)) for line in handle]
-    return pairs
+    return [pair for name in names for pair in world.pairs(name, "train")]
 
 
 def _train_models(world: World, log: Callable[[str], None]) -> None:
