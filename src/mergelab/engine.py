@@ -361,22 +361,10 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
         else:
             value = evaluate(cfg.parameters[param.name], name, position) if param.name in cfg.parameters else None
             params[param.name] = param.check(param.default if value is None else value, f"for tensor '{name}'")
-    _check_weight_sums(method, params, name)
+    problem = method.check(params, f"for tensor '{name}'") if method.check else None
+    if problem:
+        raise MergeError(problem)
     return params
-
-
-def _check_weight_sums(method: MergeMethod, params: dict[str, Any], name: str) -> None:
-    weights = params.get("weight")
-    if weights is None:
-        return
-    if method.name == "linear" and params.get("normalize") and abs(sum(weights)) < 1e-12:
-        raise MergeError(f"linear weights {weights} sum to zero for tensor '{name}' and normalize is on; "
-                         f"change the weights or set normalize: false")
-    if method.name == "lm_cocktail" and sum(weights[1:]) <= 0:
-        raise MergeError(f"lm_cocktail: the weights of the models after the first sum to zero for tensor '{name}'; "
-                         f"give at least one candidate a positive weight")
-    if method.name == "fisher" and sum(weights) <= 0:
-        raise MergeError(f"fisher weights {weights} sum to zero for tensor '{name}'; give a model a positive weight")
 
 
 # -- execution -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mergelab.errors import MergeError
 from mergelab.methods.base import MergeMethod, Param
-from mergelab.methods.linear import fisher, linear, lm_cocktail
+from mergelab.methods.linear import check_fisher, check_linear, check_lm_cocktail, fisher, linear, lm_cocktail
 from mergelab.methods.model_stock import model_stock
 from mergelab.methods.slerp import slerp
 from mergelab.methods.task_arithmetic import generalized_task_arithmetic
@@ -47,7 +47,7 @@ METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(
         "linear", linear, (WEIGHT, _normalize(True)),
         "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-        summary="weighted average Σ w_i θ_i",
+        summary="weighted average Σ w_i θ_i", check=check_linear,
     ),
     "task_arithmetic": _task_method(
         "task_arithmetic", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
@@ -85,14 +85,14 @@ METHODS: dict[str, MergeMethod] = {
          Param("epsilon", 1e-8, low=0.0, low_open=True, help="added to every Fisher value"),
          Param("fisher", None, per_model=True, kind=str, help="path of the model's Fisher file")),
         "Matena & Raffel 2022, Merging models with Fisher-weighted averaging (arXiv:2111.09832)",
-        uses_fisher=True, summary="Σ F_i θ_i / Σ F_i",
+        uses_fisher=True, summary="Σ F_i θ_i / Σ F_i", check=check_fisher,
     ),
     "lm_cocktail": MergeMethod(
         "lm_cocktail", lm_cocktail,
         (Param("weight", 1.0, per_model=True, low=0.0, help="candidate's weight w_i (normalized)"),
          Param("alpha", 0.5, low=0.0, high=1.0, help="weight of the fine-tuned model (models[0])")),
         "Xiao et al. 2024, LM-Cocktail (arXiv:2311.13534), Eq. 1", min_models=2,
-        summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model",
+        summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model", check=check_lm_cocktail,
     ),
 }
 

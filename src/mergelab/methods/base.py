@@ -74,6 +74,8 @@ class MergeMethod:
     uses_fisher: bool = False  # receives fisher= (one tensor per model) read from models[].parameters.fisher
     summary: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments (e.g. sparsify=)
+    # (params of one tensor, "for tensor 'x'") -> a problem to report before merging, or None
+    check: Callable[[dict[str, Any], str], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

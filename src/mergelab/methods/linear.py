@@ -15,6 +15,26 @@ def _normalized(weights: list[float], what: str) -> list[float]:
     return [w / total for w in weights]
 
 
+def check_linear(params: dict, where: str) -> str | None:
+    if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
+        return (f"linear weights {params['weight']} sum to zero {where} and normalize is on; change the weights "
+                f"or set normalize: false")
+    return None
+
+
+def check_lm_cocktail(params: dict, where: str) -> str | None:
+    if sum(params["weight"][1:]) <= 0:
+        return (f"lm_cocktail: the weights of the models after the first sum to zero {where}; give at least one "
+                f"candidate a positive weight")
+    return None
+
+
+def check_fisher(params: dict, where: str) -> str | None:
+    if sum(params["weight"]) <= 0:
+        return f"fisher weights {params['weight']} sum to zero {where}; give a model a positive weight"
+    return None
+
+
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
            normalize: bool = True) -> torch.Tensor:
     """θ = Σ w_i θ_i, with w divided by Σ w when ``normalize`` (Wortsman et al., Model Soups)."""
