@@ -11,13 +11,9 @@ __all__ = ["GridSpec", "load_spec", "validate_spec", "run_grid", "plan_cells", "
 
 def demo_spec(world, n_experts=(2, 4), seeds=(0, 1)) -> GridSpec:
     """The built-in grid over the demo world: averaging, task arithmetic, TIES and DARE-TIES."""
-    from mergelab.demo.tasks import WORLD_TASKS
-
-    tasks = {t.name: t for t in WORLD_TASKS}
     return GridSpec(
         base=str(world.base),
-        experts=[{"name": name, "model": str(path), "task": name} for name, path in world.experts.items()
-                 if tasks[name].split == "held_in"],
+        experts=[{"name": name, "model": str(path), "task": name} for name, path in world.experts.items()],
         methods=[
             {"name": "averaging", "merge_method": "linear"},
             {"name": "task_arithmetic", "merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
