@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.cocktail import alpha_sweep, cocktail, fewshot_losses, fewshot_weights
 from mergelab.demo.tiny import make_examples
@@ -101,7 +101,7 @@ def test_blackbox_recipe_stays_on_the_simplex(world, tmp_path):
 
 def test_blackbox_without_nevergrad_names_the_extra(world, monkeypatch):
     monkeypatch.setitem(sys.modules, "nevergrad", None)
-    with pytest.raises(MergeError, match=r"mergelab\[blackbox\]"):
+    with pytest.raises(MergelabError, match=r"mergelab\[blackbox\]"):
         cocktail(None, base=world["base"], peers=[world["a"]], examples=FIVE, recipe="blackbox", budget=2)
 
 
@@ -117,7 +117,7 @@ def test_blackbox_without_nevergrad_names_the_extra(world, monkeypatch):
 def test_bad_cocktail_inputs_are_refused(world, kwargs, match):
     if kwargs.get("finetuned") == "A":
         kwargs["finetuned"] = world["a"]
-    with pytest.raises(MergeError, match=match):
+    with pytest.raises(MergelabError, match=match):
         cocktail(None, base=world["base"], peers=[world["a"]], **kwargs)
 
 
@@ -127,7 +127,7 @@ def test_different_architectures_are_refused(world, tmp_path):
     from conftest import save_model
 
     gpt2 = save_model(GPT2LMHeadModel(GPT2Config(vocab_size=18, n_embd=16, n_layer=1, n_head=2)), tmp_path / "g")
-    with pytest.raises(MergeError, match="different architectures"):
+    with pytest.raises(MergelabError, match="different architectures"):
         cocktail(None, base=world["base"], peers=[str(gpt2)], examples=FIVE)
 
 

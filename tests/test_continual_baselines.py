@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.continual import (
     SFA,
     EWCPenalty,
@@ -99,11 +99,11 @@ def test_one_l2_sgd_step_equals_sfa_averaging_after_every_step():
 
 
 def test_penalties_check_the_anchor():
-    with pytest.raises(MergeError, match="L2 anchor lacks tensor 'bias'"):
+    with pytest.raises(MergelabError, match="L2 anchor lacks tensor 'bias'"):
         L2Penalty(linear([1.0]), {"weight": torch.zeros(1, 1)}, lam=1.0)
-    with pytest.raises(MergeError, match="Fisher lacks parameter 'bias'"):
+    with pytest.raises(MergelabError, match="Fisher lacks parameter 'bias'"):
         EWCPenalty(linear([1.0]), linear([0.0]), {"weight": torch.ones(1, 1)}, lam=1.0)
-    with pytest.raises(MergeError, match="lambda must be a finite number ≥ 0"):
+    with pytest.raises(MergelabError, match="lambda must be a finite number ≥ 0"):
         L2Penalty(linear([1.0]), linear([0.0]), lam=-1)
 
 
@@ -120,9 +120,9 @@ def test_rehearsal_mixes_the_fraction_of_old_examples_in_expectation():
 
 def test_rehearsal_buffer_size_and_errors():
     assert len(Rehearsal(list(range(50)), buffer_size=10).buffer) == 10
-    with pytest.raises(MergeError, match="fraction must be in \\(0, 1\\)"):
+    with pytest.raises(MergelabError, match="fraction must be in \\(0, 1\\)"):
         Rehearsal([1], fraction=1.0)
-    with pytest.raises(MergeError, match="the buffer is empty"):
+    with pytest.raises(MergelabError, match="the buffer is empty"):
         Rehearsal([], fraction=0.1)
 
 
@@ -160,5 +160,5 @@ def test_checkpoints_of_tied_models_round_trip(tmp_path):
 
 
 def test_unknown_posthoc_method(tmp_path):
-    with pytest.raises(MergeError, match="post-hoc baseline 'dare' is unknown"):
+    with pytest.raises(MergelabError, match="post-hoc baseline 'dare' is unknown"):
         merge_task_models("dare", tmp_path, [tmp_path], tmp_path / "out")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.continual import SFACallback, save_checkpoint, snapshot
 from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
 
@@ -115,21 +115,21 @@ def test_an_explicit_anchor_from_a_checkpoint_dir(task, tmp_path):
 def test_refuses_fsdp_and_deepspeed():
     model = tiny_llama()
     state = SimpleNamespace(global_step=0, max_steps=10)
-    with pytest.raises(MergeError, match="does not support FSDP"):
+    with pytest.raises(MergelabError, match="does not support FSDP"):
         SFACallback().on_train_begin(SimpleNamespace(fsdp="full_shard", deepspeed=None), state, None, model=model)
-    with pytest.raises(MergeError, match="does not support DeepSpeed"):
+    with pytest.raises(MergelabError, match="does not support DeepSpeed"):
         SFACallback().on_train_begin(SimpleNamespace(fsdp="", deepspeed="ds.json"), state, None, model=model)
 
 
 def test_resuming_needs_an_explicit_anchor():
     state = SimpleNamespace(global_step=40, max_steps=100)
-    with pytest.raises(MergeError, match="resumes at step 40.*SFACallback\\(anchor="):
+    with pytest.raises(MergelabError, match="resumes at step 40.*SFACallback\\(anchor="):
         SFACallback().on_train_begin(SimpleNamespace(fsdp="", deepspeed=None), state, None, model=tiny_llama())
 
 
 @pytest.mark.parametrize("kwargs, message", [({"p": 0}, "SFA p must be"), ({"beta": 2}, "SFA beta must be")])
 def test_bad_parameters_fail_when_the_callback_is_built(kwargs, message):
-    with pytest.raises(MergeError, match=message):
+    with pytest.raises(MergelabError, match=message):
         SFACallback(**kwargs)
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.continual import load_spec, run_digits_experiment, run_spec
 from mergelab.continual.stream import TrainSettings
@@ -72,17 +72,17 @@ def test_the_example_spec_is_valid():
     ({"unknown_key": 1}, "unknown_key"),
 ])
 def test_spec_errors_name_the_problem(overrides, message):
-    with pytest.raises(MergeError, match=message):
+    with pytest.raises(MergelabError, match=message):
         load_spec(tiny_spec(**overrides))
 
 
 def test_task_files_are_checked(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"input": "copy 1 =", "answer": "1"}\n')
     spec = tiny_spec(tasks=[{"name": "a", "data": "bad.jsonl"}])
-    with pytest.raises(MergeError, match="example 0 must be an object with string fields 'input' and 'output'"):
+    with pytest.raises(MergelabError, match="example 0 must be an object with string fields 'input' and 'output'"):
         run_spec(write_spec(tmp_path, spec), tmp_path / "out")
     spec = tiny_spec(tasks=[{"name": "a", "train": "missing.jsonl", "eval": "missing.jsonl"}])
-    with pytest.raises(MergeError, match="task file .*missing.jsonl does not exist"):
+    with pytest.raises(MergelabError, match="task file .*missing.jsonl does not exist"):
         run_spec(write_spec(tmp_path, spec), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -135,7 +135,7 @@ def test_an_evaluation_task_where_lower_is_better_is_refused(tmp_path):
     eval_tasks = [{"name": name, "kind": "loss", "examples": make_examples("copy", 2, 0)}
                   for name in ("copy", "reverse")]
     (tmp_path / "eval.yml").write_text(yaml.safe_dump({"tasks": eval_tasks}))
-    with pytest.raises(MergeError, match="uses loss, where lower is better"):
+    with pytest.raises(MergelabError, match="uses loss, where lower is better"):
         run_spec(write_spec(tmp_path, tiny_spec(evaluation="eval.yml")), tmp_path / "out", quiet=True)
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.continual import SFA, averaging_interval, l2_distance, save_checkpoint, snapshot
 from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
 
@@ -168,53 +168,53 @@ def test_plain_api_is_bit_identical_to_a_hand_written_loop(p, beta):
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0, -0.1, 1.5, float("nan"), True, "0.5"])
 def test_p_outside_zero_one(p):
-    with pytest.raises(MergeError, match=r"SFA p must be"):
+    with pytest.raises(MergelabError, match=r"SFA p must be"):
         SFA(small_net().state_dict(), 10, p=p)
 
 
 @pytest.mark.parametrize("beta", [-0.01, 1.01, float("nan")])
 def test_beta_outside_zero_one(beta):
-    with pytest.raises(MergeError, match=r"SFA beta must be in \[0, 1\].*weight on the previous task"):
+    with pytest.raises(MergelabError, match=r"SFA beta must be in \[0, 1\].*weight on the previous task"):
         SFA(small_net().state_dict(), 10, beta=beta)
 
 
 @pytest.mark.parametrize("total", [0, -3, 2.5, None])
 def test_total_steps_below_one(total):
-    with pytest.raises(MergeError, match="total_steps must be an integer of at least 1"):
+    with pytest.raises(MergelabError, match="total_steps must be an integer of at least 1"):
         SFA(small_net().state_dict(), total)
 
 
 def test_step_zero_is_refused():
-    with pytest.raises(MergeError, match="counted from 1"):
+    with pytest.raises(MergelabError, match="counted from 1"):
         SFA(small_net().state_dict(), 10).maybe_average(small_net(), 0)
 
 
 def test_anchor_missing_a_tensor():
     anchor = small_net().state_dict()
     del anchor["2.bias"]
-    with pytest.raises(MergeError, match="anchor lacks tensor '2.bias'"):
+    with pytest.raises(MergelabError, match="anchor lacks tensor '2.bias'"):
         SFA(anchor, 10, model=small_net())
 
 
 def test_anchor_with_a_tensor_the_model_lacks():
     anchor = {**small_net().state_dict(), "extra.weight": torch.zeros(2)}
-    with pytest.raises(MergeError, match="anchor has tensor 'extra.weight' that the model does not"):
+    with pytest.raises(MergelabError, match="anchor has tensor 'extra.weight' that the model does not"):
         SFA(anchor, 10).maybe_average(small_net(), 10)  # checked at the first averaging too
 
 
 def test_anchor_from_a_ddp_state_dict_names_the_prefix():
     anchor = {f"module.{k}": v for k, v in small_net().state_dict().items()}
-    with pytest.raises(MergeError, match="strip the 'module.' prefix"):
+    with pytest.raises(MergelabError, match="strip the 'module.' prefix"):
         SFA(anchor, 10, model=small_net())
 
 
 def test_anchor_shape_mismatch():
     anchor = small_net().state_dict()
     anchor["0.weight"] = torch.zeros(3, 5)
-    with pytest.raises(MergeError, match=r"tensor '0.weight' has shape \(3, 5\) but the model's has \(3, 4\)"):
+    with pytest.raises(MergelabError, match=r"tensor '0.weight' has shape \(3, 5\) but the model's has \(3, 4\)"):
         SFA(anchor, 10, model=small_net())
 
 
 def test_anchor_of_the_wrong_type():
-    with pytest.raises(MergeError, match="state dict, a module, or a checkpoint path"):
+    with pytest.raises(MergelabError, match="state dict, a module, or a checkpoint path"):
         SFA(42, 10)

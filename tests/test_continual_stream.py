@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.continual import Method, Task, TrainSettings, fit, run_stream, snapshot, union
 from mergelab.continual.digits import MLP, digits_harness, split_digits
 from mergelab.continual.stream import StreamRunner, batch_drawer, make_optimizer
@@ -125,22 +125,22 @@ def test_divergence_is_flagged_not_hidden(digits):
 def test_errors(digits):
     pixels, labels, tasks = digits
     harness = digits_harness(pixels, labels, tasks)
-    with pytest.raises(MergeError, match="the task list is empty"):
+    with pytest.raises(MergelabError, match="the task list is empty"):
         run_stream(MLP(), [], Method("sfa"), SETTINGS, harness)
-    with pytest.raises(MergeError, match="task 'x' has no training examples"):
+    with pytest.raises(MergelabError, match="task 'x' has no training examples"):
         run_stream(MLP(), [Task("x", [])], Method("sfa"), SETTINGS, harness)
-    with pytest.raises(MergeError, match="task names must be unique"):
+    with pytest.raises(MergelabError, match="task names must be unique"):
         run_stream(MLP(), [tasks[0], tasks[0]], Method("sfa"), SETTINGS, harness)
-    with pytest.raises(MergeError, match="unknown continual method 'dropout'"):
+    with pytest.raises(MergelabError, match="unknown continual method 'dropout'"):
         run_stream(MLP(), tasks, Method("dropout"), SETTINGS, harness)
-    with pytest.raises(MergeError, match="SFA p must be in \\(0, 1\\]"):
+    with pytest.raises(MergelabError, match="SFA p must be in \\(0, 1\\]"):
         run_stream(MLP(), tasks, Method("sfa", p=0), SETTINGS, harness)
-    with pytest.raises(MergeError, match="SFA beta must be in \\[0, 1\\]"):
+    with pytest.raises(MergelabError, match="SFA beta must be in \\[0, 1\\]"):
         run_stream(MLP(), tasks, Method("sfa", beta=-1), SETTINGS, harness)
-    with pytest.raises(MergeError, match="steps lists 3 numbers for 2 tasks"):
+    with pytest.raises(MergelabError, match="steps lists 3 numbers for 2 tasks"):
         run_stream(MLP(), tasks, Method("sfa"), TrainSettings(steps=[1, 2, 3]), harness)
-    with pytest.raises(MergeError, match="steps must be integers of at least 1"):
+    with pytest.raises(MergelabError, match="steps must be integers of at least 1"):
         run_stream(MLP(), tasks, Method("sfa"), TrainSettings(steps=0), harness)
     bad = digits_harness(pixels, labels, tasks[:1])  # scores task A only
-    with pytest.raises(MergeError, match="returned no score for task 'B \\(odd\\)'"):
+    with pytest.raises(MergelabError, match="returned no score for task 'B \\(odd\\)'"):
         run_stream(MLP(classes=5), tasks, Method("sequential"), SETTINGS, bad)

@@ -230,10 +230,10 @@ def test_legacy_position_ids_buffers_do_not_block_a_merge(tmp_path, world):
 def test_overflow_into_the_output_dtype_is_reported(world, tmp_path):
     import pytest
 
-    from mergelab import MergeError
+    from mergelab import MergelabError
 
     config = {"merge_method": "linear", "out_dtype": "float16", "parameters": {"normalize": False},
               "models": [{"model": world["a"], "parameters": {"weight": 1e6}}, {"model": world["b"]}]}
-    with pytest.raises(MergeError, match="from finite inputs .*overflow float16"):
+    with pytest.raises(MergelabError, match="from finite inputs .*overflow float16"):
         mergelab.merge(config, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Every user error is a MergeError that names the culprit, is caught before merging (or, if
+"""Every user error is a MergelabError that names the culprit, is caught before merging (or, if
 found while streaming, leaves nothing behind), and reaches the CLI as `error: ...`, status 2."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.demo.tiny import tiny_llama
 
@@ -52,9 +52,9 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def expect_error(config, out: Path, match: str, **options) -> MergeError:
+def expect_error(config, out: Path, match: str, **options) -> MergelabError:
     """Run a merge that must fail with ``match`` and leave neither output nor temp directory."""
-    with pytest.raises(MergeError, match=match) as info:
+    with pytest.raises(MergelabError, match=match) as info:
         mergelab.merge(config, out, quiet=True, **options)
     assert not out.exists()
     assert leftovers(out) == []
@@ -289,7 +289,7 @@ def test_existing_output_dir_without_force(tmp_path, world):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(MergeError, match=rf"output directory {esc(out)} already exists; .* pass --force"):
+    with pytest.raises(MergelabError, match=rf"output directory {esc(out)} already exists; .* pass --force"):
         mergelab.merge(linear(world["a"], world["b"]), out, quiet=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert leftovers(out) == []
@@ -300,7 +300,7 @@ def test_output_dir_that_holds_an_input(tmp_path, world, which):
     a = damaged_copy(world["a"], tmp_path / "models" / "a")
     out = a if which == "model-dir" else a.parent
     before = sorted(p.name for p in a.iterdir())
-    with pytest.raises(MergeError, match=rf"output directory {esc(out)} holds input model {esc(a)}; choose another"):
+    with pytest.raises(MergelabError, match=rf"output directory {esc(out)} holds input model {esc(a)}; choose another"):
         mergelab.merge(linear(str(a), world["b"]), out, quiet=True, force=True)
     assert sorted(p.name for p in a.iterdir()) == before
     assert leftovers(out) == []
@@ -318,7 +318,7 @@ def test_force_with_failing_merge_keeps_old_output(tmp_path, world):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(MergeError, match=rf"model '{esc(broken)}': tensor '{LAST_TENSOR}' contains 1 NaN/Inf"):
+    with pytest.raises(MergelabError, match=rf"model '{esc(broken)}': tensor '{LAST_TENSOR}' contains 1 NaN/Inf"):
         mergelab.merge(linear(world["base"], str(broken)), out, quiet=True, force=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "old"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergelab.cli import main
 from mergelab.demo.tiny import make_examples
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_model, evaluate_models, make_task
 from mergelab.evaluate.adapters import ingest_mteb_results, run_lm_eval, run_mteb
 from mergelab.evaluate.runner import RESULT_FIELDS
@@ -136,16 +136,16 @@ def test_cli_routes_tasks_through_lm_eval_and_adds_named_tasks(copy_model, tmp_p
     ({"kind": "retrieval", "corpus": CORPUS, "queries": QUERIES, "qrels": QRELS}, "--backend mteb"),
 ])
 def test_lm_eval_refuses_what_it_cannot_convert(tmp_path, raw, fragment):
-    with pytest.raises(MergeError, match=fragment):
+    with pytest.raises(MergelabError, match=fragment):
         run_lm_eval(tmp_path, [make_task({"name": "t", **raw})])
 
 
 def test_missing_extra_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
     monkeypatch.setitem(sys.modules, "mteb", None)
-    with pytest.raises(MergeError, match=r"mergelab\[harness\]"):
+    with pytest.raises(MergelabError, match=r"mergelab\[harness\]"):
         run_lm_eval(tmp_path, ["anything"])
-    with pytest.raises(MergeError, match=r"mergelab\[harness\]"):
+    with pytest.raises(MergelabError, match=r"mergelab\[harness\]"):
         run_mteb(tmp_path, ["anything"])
 
 
@@ -171,11 +171,11 @@ def test_cli_routes_retrieval_tasks_through_mteb(minilm_dir, tmp_path):
 
 
 def test_mteb_task_names_need_the_hub(minilm_dir):
-    with pytest.raises(MergeError, match="does not know"):
+    with pytest.raises(MergelabError, match="does not know"):
         run_mteb(minilm_dir, ["NoSuchMtebTask"])
-    with pytest.raises(MergeError, match="Hugging Face Hub"):  # offline: SciFact's data cannot be fetched
+    with pytest.raises(MergelabError, match="Hugging Face Hub"):  # offline: SciFact's data cannot be fetched
         run_mteb(minilm_dir, ["SciFact"])
-    with pytest.raises(MergeError, match="retrieval tasks only"):
+    with pytest.raises(MergelabError, match="retrieval tasks only"):
         run_mteb(minilm_dir, [make_task({"name": "l", "kind": "loss", "examples": [{"text": "a b"}]})])
 
 
@@ -196,7 +196,7 @@ def test_ingest_mteb_result_files(tmp_path):
     assert ingest_mteb_results(run / "SciFact.json", model="m")[0]["model"] == "m"
 
     (run / "notes.json").write_text("[1, 2]")
-    with pytest.raises(MergeError, match="notes.json is not an MTEB result"):
+    with pytest.raises(MergelabError, match="notes.json is not an MTEB result"):
         ingest_mteb_results(tmp_path / "results")
 
 
@@ -205,7 +205,7 @@ def test_lm_eval_builtin_task_names_need_the_hub(copy_model):
     """lm-eval's own tasks download their data: offline they fail with a clear error (indexing
     lm-eval's ~15k task YAMLs takes several seconds, hence slow)."""
     _, _, directory = copy_model
-    with pytest.raises(MergeError, match="did you mean"):
+    with pytest.raises(MergelabError, match="did you mean"):
         run_lm_eval(directory, ["arc_easyy"])
-    with pytest.raises(MergeError, match="Hugging Face Hub"):
+    with pytest.raises(MergelabError, match="Hugging Face Hub"):
         run_lm_eval(directory, ["arc_easy"], limit=2)

@@ -138,10 +138,10 @@ def test_eval_cli_writes_csv_and_json(copy_model, tmp_path):
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused():
-    from mergelab import MergeError
+    from mergelab import MergelabError
 
     model = tiny_llama(vocab_size=8)
-    with pytest.raises(MergeError, match="does not belong"):
+    with pytest.raises(MergelabError, match="does not belong"):
         evaluate_model(model, build_tokenizer(), [make_task({"name": "x", "kind": "loss",
                                                               "examples": [{"text": "copy 1"}]})])
 

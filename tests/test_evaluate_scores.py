@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.evaluate import (
     aggregate_seeds,
     average_accuracy,
@@ -71,9 +71,9 @@ def test_continual_metrics_hand_computed():
     assert backward_transfer(matrix) == pytest.approx(-0.3)
     summary = continual_summary(matrix)
     assert summary["average_forgetting"] == pytest.approx(0.3)
-    with pytest.raises(MergeError, match="square"):
+    with pytest.raises(MergelabError, match="square"):
         forgetting([[1.0, 2.0]])
-    with pytest.raises(MergeError, match="empty"):
+    with pytest.raises(MergelabError, match="empty"):
         average_accuracy([])
 
 
@@ -97,7 +97,7 @@ MC = {"input": "q", "options": ["a", "b"], "answer": 0}
     ({"name": "t", "kind": "loss", "examples": [{"text": "x"}], "colour": "red"}, "colour"),
 ])
 def test_bad_tasks_are_refused_before_evaluation(raw, match):
-    with pytest.raises(MergeError, match=match):
+    with pytest.raises(MergelabError, match=match):
         make_task(raw)
 
 
@@ -107,7 +107,7 @@ def test_tasks_file_with_relative_data_and_duplicate_names(tmp_path):
     assert load_tasks(tmp_path / "t.yml")[0].examples[0]["answer"] == "b"
     (tmp_path / "t2.yml").write_text("- {name: a, kind: loss, examples: [{text: x}]}\n"
                                      "- {name: a, kind: loss, examples: [{text: y}]}\n")
-    with pytest.raises(MergeError, match="unique"):
+    with pytest.raises(MergelabError, match="unique"):
         load_tasks(tmp_path / "t2.yml")
-    with pytest.raises(MergeError, match="does not exist"):
+    with pytest.raises(MergelabError, match="does not exist"):
         load_tasks(tmp_path / "missing.yml")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.demo.tiny import make_examples
 from mergelab.experiments import RESULT_COLUMNS, load_spec, pick_experts, plan_cells, run_grid
@@ -111,7 +111,7 @@ def test_bad_specs_are_refused_before_any_merge(spec_file, change, match):
     spec = yaml.safe_load(spec_file.read_text())
     change(spec)
     spec_file.write_text(yaml.safe_dump(spec))
-    with pytest.raises(MergeError, match=match):
+    with pytest.raises(MergelabError, match=match):
         load_spec(spec_file)
 
 
@@ -120,7 +120,7 @@ def test_tasks_without_category_or_split_are_refused(spec_file):
     tasks = yaml.safe_load(tasks_path.read_text())
     del tasks["tasks"][3]["split"]
     tasks_path.write_text(yaml.safe_dump(tasks))
-    with pytest.raises(MergeError, match="task 'tX' has no split"):
+    with pytest.raises(MergelabError, match="task 'tX' has no split"):
         load_spec(spec_file)
 
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.demo.tiny import tiny_llama
 from mergelab.fisher import fisher_diagonal, read_texts
@@ -45,5 +45,5 @@ def test_fisher_cli_writes_a_file_with_the_checkpoint_names(world, tmp_path):
 def test_bad_data_files_are_refused(tmp_path, content, match):
     path = tmp_path / "d.json"
     path.write_text(content)
-    with pytest.raises(MergeError, match=match):
+    with pytest.raises(MergelabError, match=match):
         read_texts(path)

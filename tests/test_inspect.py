@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.inspect import inspect_task_vectors
+from mergelab.inspection import inspect_task_vectors
 from mergelab.io import CheckpointReader
 
 
@@ -36,7 +36,7 @@ def test_identical_task_vectors_have_cosine_one_and_no_conflicts(world):
 
 
 def test_inspect_needs_two_models(world):
-    with pytest.raises(MergeError, match="at least two"):
+    with pytest.raises(MergelabError, match="at least two"):
         inspect_task_vectors(world["base"], [world["a"]])
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.demo.tiny import tiny_llama
 from mergelab.io import (
     CheckpointReader,
@@ -78,7 +78,7 @@ def test_header_of_a_truncated_file_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"w": torch.ones(100)}, path)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(MergeError, match="truncated"):
+    with pytest.raises(MergelabError, match="truncated"):
         read_safetensors_header(path)
 
 
@@ -162,7 +162,7 @@ def test_parse_size(text, expected):
 def test_parse_dtype_aliases_and_errors():
     assert parse_dtype("bf16") is torch.bfloat16
     assert parse_dtype("torch.float16") is torch.float16
-    with pytest.raises(MergeError, match="float32, float16, bfloat16"):
+    with pytest.raises(MergelabError, match="float32, float16, bfloat16"):
         parse_dtype("int8")
 
 
@@ -200,5 +200,5 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
             raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
-    with pytest.raises(MergeError, match="could not be fetched from the Hugging Face Hub"):
+    with pytest.raises(MergelabError, match="could not be fetched from the Hugging Face Hub"):
         resolve_model("someorg/missing-model")

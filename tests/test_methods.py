@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mergelab import MergeError
+from mergelab import MergelabError
 from mergelab.methods import METHODS
 from mergelab.methods.sparsify import dare_mask, magnitude_mask, magnitude_threshold
 
@@ -39,7 +39,7 @@ def test_averaging_identical_models_is_the_identity():
 
 
 def test_linear_zero_weight_sum_is_refused():
-    with pytest.raises(MergeError, match="sum to zero"):
+    with pytest.raises(MergelabError, match="sum to zero"):
         call("linear", [tv(1), tv(2)], weight=[1, -1], normalize=True)
 
 

@@ -1,6 +1,6 @@
 """mergelab: merge checkpoints, choose merge weights, keep old skills, and measure it all."""
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergeError, MergelabError
 
 __version__ = "0.1.0"
 
@@ -27,4 +27,4 @@ def merge(config, out_dir, **options):
     return run_merge(config, out_dir, **options)
 
 
-__all__ = ["MergeError", "merge", "__version__"]
+__all__ = ["MergelabError", "MergeError", "merge", "__version__"]

@@ -14,16 +14,16 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import click
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 class _Group(click.Group):
-    """Print a MergeError as `error: ...` (no traceback) and exit 2."""
+    """Print a MergelabError as `error: ...` (no traceback) and exit 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except MergeError as exc:
+        except MergelabError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
@@ -62,7 +62,7 @@ def merge(config: Path, out_dir: Path, **options) -> None:
 def inspect(models, base, density, per_tensor, as_json) -> None:
     """Compare the task vectors of MODELS (relative to --base): cosine similarity and the
     TIES sign-conflict rate."""
-    from mergelab.inspect import format_report, inspect_task_vectors
+    from mergelab.inspection import format_report, inspect_task_vectors
 
     report = inspect_task_vectors(base, list(models), density=density)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report, per_tensor=per_tensor))
@@ -194,7 +194,7 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
     try:
         grid = [float(a) for a in alphas.split(",")] if alphas else DEFAULT_ALPHAS
     except ValueError:
-        raise MergeError(f"--alphas must be comma-separated numbers like 0,0.5,1; got '{alphas}'") from None
+        raise MergelabError(f"--alphas must be comma-separated numbers like 0,0.5,1; got '{alphas}'") from None
     options.pop("alpha")
     rows = alpha_sweep(out_dir, tasks=tasks, target=target, alphas=grid, keep_models=keep_models,
                        **_cocktail_kwargs(**options))
@@ -215,7 +215,7 @@ def grid(spec, demo, out, executor, address, keep_models) -> None:
     from mergelab.experiments import demo_spec, run_grid
 
     if demo == (spec is not None):
-        raise MergeError("give either a SPEC file or --demo (not both)")
+        raise MergelabError("give either a SPEC file or --demo (not both)")
     if demo:
         from mergelab.demo.world import build_world
 
@@ -261,7 +261,7 @@ def sfa(spec, digits, out, force, quiet) -> None:
     from mergelab.continual import run_digits_experiment, run_spec
 
     if digits == (spec is not None):
-        raise MergeError("give either a SPEC file or --digits (not both)")
+        raise MergelabError("give either a SPEC file or --digits (not both)")
     path = run_digits_experiment(out, force=force, quiet=quiet) if digits else run_spec(spec, out, force, quiet)
     click.echo(f"results written to {path}")
 

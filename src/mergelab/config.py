@@ -18,7 +18,7 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 Scalar = Union[bool, int, float, str]
 
@@ -70,23 +70,23 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and ":" not in source):
         path = Path(source)
         if not path.is_file():
-            raise MergeError(f"config file {path} does not exist; check the path")
+            raise MergelabError(f"config file {path} does not exist; check the path")
         where, source_dir = str(path), path.parent
         try:
             source = path.read_text()
         except UnicodeDecodeError:
-            raise MergeError(f"{path} is not a text file; pass a YAML merge config") from None
+            raise MergelabError(f"{path} is not a text file; pass a YAML merge config") from None
     if isinstance(source, str):
         try:
             source = yaml.safe_load(source)
         except yaml.YAMLError as exc:
-            raise MergeError(f"{where} is not valid YAML: {exc}") from None
+            raise MergelabError(f"{where} is not valid YAML: {exc}") from None
     if source is None:
-        raise MergeError(f"{where} is empty; it needs at least merge_method and models")
+        raise MergelabError(f"{where} is empty; it needs at least merge_method and models")
     if not isinstance(source, dict):
-        raise MergeError(f"{where} must be a YAML mapping with merge_method and models, not {type(source).__name__}")
+        raise MergelabError(f"{where} must be a YAML mapping with merge_method and models, not {type(source).__name__}")
     if "slices" in source:
-        raise MergeError(
+        raise MergelabError(
             f"{where} uses 'slices' (layer-wise assembly), which mergelab does not support; "
             f"list whole models under 'models' instead"
         )
@@ -96,9 +96,9 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}" for error in exc.errors()
         )
-        raise MergeError(f"{where} is not a valid merge config: {problems}") from None
+        raise MergelabError(f"{where} is not a valid merge config: {problems}") from None
     if not config.models:
-        raise MergeError(f"{where} lists no models; add at least one under 'models'")
+        raise MergelabError(f"{where} lists no models; add at least one under 'models'")
     return config
 
 
@@ -109,7 +109,7 @@ def read_records(path: str | Path, what: str = "data file") -> list | dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"{what} {path} does not exist; check the path")
+        raise MergelabError(f"{what} {path} does not exist; check the path")
     text = path.read_text()
     try:
         if path.suffix in (".yml", ".yaml"):
@@ -122,7 +122,7 @@ def read_records(path: str | Path, what: str = "data file") -> list | dict:
                     raise
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise MergeError(f"{path} is neither JSON, JSONL nor YAML ({exc})") from None
+        raise MergelabError(f"{path} is neither JSON, JSONL nor YAML ({exc})") from None
 
 
 def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> tuple[dict, str, Path | None]:
@@ -132,13 +132,13 @@ def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> t
         return source, what, None
     path = Path(source)
     if not path.is_file():
-        raise MergeError(f"{what} {path} does not exist; check the path")
+        raise MergelabError(f"{what} {path} does not exist; check the path")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MergeError(f"{path} is not valid YAML: {exc}") from None
+        raise MergelabError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise MergeError(f"{path} must be a YAML mapping with {keys_hint}")
+        raise MergelabError(f"{path} must be a YAML mapping with {keys_hint}")
     return data, str(path), path.parent
 
 
@@ -160,14 +160,14 @@ def layer_position(tensor_name: str, num_layers: int) -> float:
     return index / (num_layers - 1) if num_layers > 1 else 0.0
 
 
-def evaluate(value: ParamValue, tensor_name: str, position: float) -> Scalar | None:
+def evaluate_setting(value: ParamValue, tensor_name: str, position: float) -> Scalar | None:
     """The value a (possibly filtered or gradient) setting takes for one tensor; None if no
     filter matches it."""
     if isinstance(value, list):
         if value and isinstance(value[0], Filtered):
             for entry in value:
                 if entry.filter is None or entry.filter in tensor_name:
-                    return evaluate(entry.value, tensor_name, position)
+                    return evaluate_setting(entry.value, tensor_name, position)
             return None
         if not value:
             return None

@@ -6,19 +6,19 @@ from contextlib import contextmanager
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 def check_device(name: str, what: str = "device") -> torch.device:
-    """``torch.device(name)``, or a MergeError when it is malformed or absent on this machine."""
+    """``torch.device(name)``, or a MergelabError when it is malformed or absent on this machine."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MergeError(f"{what} '{name}' is not a device; use cpu, cuda, cuda:N or mps") from None
+        raise MergelabError(f"{what} '{name}' is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError(f"{what} {name}: CUDA is not available here; use cpu")
+        raise MergelabError(f"{what} {name}: CUDA is not available here; use cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MergeError(f"{what} {name}: MPS is not available here; use cpu")
+        raise MergelabError(f"{what} {name}: MPS is not available here; use cpu")
     return device
 
 

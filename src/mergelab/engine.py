@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergelab.config import MergeConfig, evaluate, layer_index, layer_position, load_config
+from mergelab.config import MergeConfig, evaluate_setting, layer_index, layer_position, load_config
 from mergelab.devices import check_device
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.io import (
     CheckpointReader,
     ShardedWriter,
@@ -152,7 +152,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     tokenizer_dir = None
     if cfg.tokenizer_source is not None:
         if cfg.tokenizer_source == "union":
-            raise MergeError("tokenizer_source 'union' (merging vocabularies) is not supported; name one model")
+            raise MergelabError("tokenizer_source 'union' (merging vocabularies) is not supported; name one model")
         tokenizer_dir = base.reader.path if cfg.tokenizer_source == "base" and base else _locate(cfg.tokenizer_source, cfg)
     return MergePlan(cfg, method, base, experts, fishers, jobs, Path(out_dir), reference.reader.path,
                      tokenizer_dir, compute_dtype, options, list(readers.values()))
@@ -160,7 +160,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
 
 def _check_options(options: MergeOptions) -> None:
     if options.threads < 1:
-        raise MergeError(f"--threads must be at least 1, got {options.threads}")
+        raise MergelabError(f"--threads must be at least 1, got {options.threads}")
     parse_size(options.shard_size)
     check_device(options.device, "--device")
 
@@ -171,29 +171,29 @@ def _assign_roles(cfg: MergeConfig, method: MergeMethod):
     if method.uses_base:
         if base is None and method.name == "slerp":
             if len(cfg.models) != 2:
-                raise MergeError(f"slerp merges exactly two models (base_model and one other); "
+                raise MergelabError(f"slerp merges exactly two models (base_model and one other); "
                                  f"got {len(cfg.models)} under models")
             base, refs = refs[0], refs  # slerp: the first endpoint is the base
         if base is None:
-            raise MergeError(
+            raise MergelabError(
                 f"{method.name} needs base_model (the model the others were fine-tuned from); add base_model: ..."
             )
         experts = [entry for entry in cfg.models if entry.model != base]
     else:
         if base is not None and base not in refs:
-            raise MergeError(
+            raise MergelabError(
                 f"{method.name} does not use base_model '{base}'; list it under models (with a weight) "
                 f"if it should take part, or remove base_model"
             )
         base, experts = None, list(cfg.models)
     count = len(experts)
     if method.name == "slerp" and count != 1:
-        raise MergeError(f"slerp merges exactly two models (base_model and one other); got {count + 1}")
+        raise MergelabError(f"slerp merges exactly two models (base_model and one other); got {count + 1}")
     if count < method.min_models:
         what = "models besides base_model" if method.uses_base else "models"
-        raise MergeError(f"{method.name} needs at least {method.min_models} {what}; got {count}")
+        raise MergelabError(f"{method.name} needs at least {method.min_models} {what}; got {count}")
     if method.max_models is not None and count > method.max_models:
-        raise MergeError(f"{method.name} takes at most {method.max_models} models; got {count}")
+        raise MergelabError(f"{method.name} takes at most {method.max_models} models; got {count}")
     return base, experts
 
 
@@ -201,7 +201,7 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
     valid = {p.name for p in method.params}
     for name in cfg.parameters:
         if name not in valid:
-            raise MergeError(
+            raise MergelabError(
                 f"parameter '{name}' is not used by {method.name}; its parameters are: {', '.join(sorted(valid))}"
             )
     per_model = {p.name for p in method.params if p.per_model}
@@ -210,7 +210,7 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
             if name not in per_model:
                 hint = "put it under the top-level parameters" if name in valid else \
                     f"per-model parameters of {method.name} are: {', '.join(sorted(per_model)) or 'none'}"
-                raise MergeError(f"parameter '{name}' of model '{entry.model}' is not per-model; {hint}")
+                raise MergelabError(f"parameter '{name}' of model '{entry.model}' is not per-model; {hint}")
 
 
 def _locate(ref: str, cfg: MergeConfig) -> Path:
@@ -248,7 +248,7 @@ def check_tensors(sources: list[Source]) -> set[str]:
             if missing:
                 name = sorted(missing)[0]
                 tied = " (one model ties lm_head to the embeddings, the other does not)" if "lm_head" in name else ""
-                raise MergeError(
+                raise MergelabError(
                     f"tensor '{name}' is in model '{present_in.ref}' but missing from model '{missing_from.ref}'"
                     f"{tied} ({len(missing)} such tensors); all models must share one architecture"
                 )
@@ -258,9 +258,9 @@ def check_tensors(sources: list[Source]) -> set[str]:
         for source in sources[1:]:
             other = source.reader.tensors[name]
             if other.shape != info.shape:
-                raise MergeError(_shape_message(name, reference, source, info.shape, other.shape))
+                raise MergelabError(_shape_message(name, reference, source, info.shape, other.shape))
             if other.dtype.is_floating_point != info.dtype.is_floating_point:
-                raise MergeError(
+                raise MergelabError(
                     f"tensor '{name}' is {info.dtype} in model '{reference.ref}' but {other.dtype} in model "
                     f"'{source.ref}'; the models must share one architecture"
                 )
@@ -268,7 +268,7 @@ def check_tensors(sources: list[Source]) -> set[str]:
             value = reference.reader.get(name)
             for source in sources[1:]:
                 if not torch.equal(value, source.reader.get(name).to(value.dtype)):
-                    raise MergeError(
+                    raise MergelabError(
                         f"integer tensor '{name}' differs between model '{reference.ref}' and model "
                         f"'{source.ref}'; integer buffers are copied, not merged, so they must be identical"
                     )
@@ -302,7 +302,7 @@ def _open_fishers(experts: list[Source], cfg: MergeConfig) -> list[CheckpointRea
     for source in experts:
         path = source.parameters.get("fisher", cfg.parameters.get("fisher"))
         if not isinstance(path, str):
-            raise MergeError(
+            raise MergelabError(
                 f"model '{source.ref}' needs parameters.fisher: the path of its Fisher file "
                 f"(make one with `mergelab fisher`)"
             )
@@ -312,10 +312,10 @@ def _open_fishers(experts: list[Source], cfg: MergeConfig) -> list[CheckpointRea
                 continue
             found = reader.tensors.get(name)
             if found is None:
-                raise MergeError(f"Fisher file {reader.path} has no tensor '{name}' for model '{source.ref}'; "
+                raise MergelabError(f"Fisher file {reader.path} has no tensor '{name}' for model '{source.ref}'; "
                                  f"re-estimate it for this model")
             if found.shape != info.shape:
-                raise MergeError(f"Fisher file {reader.path}: tensor '{name}' has shape {found.shape}, model "
+                raise MergelabError(f"Fisher file {reader.path}: tensor '{name}' has shape {found.shape}, model "
                                  f"'{source.ref}' has {info.shape}")
         fishers.append(reader)
     return fishers
@@ -352,18 +352,18 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
             values = []
             for source in experts:
                 setting = source.parameters.get(param.name)
-                value = evaluate(setting, name, position) if setting is not None else None
+                value = evaluate_setting(setting, name, position) if setting is not None else None
                 if value is None and param.name in cfg.parameters:
-                    value = evaluate(cfg.parameters[param.name], name, position)
+                    value = evaluate_setting(cfg.parameters[param.name], name, position)
                 value = param.default if value is None else value
                 values.append(param.check(value, f"of model '{source.ref}' for tensor '{name}'"))
             params[param.name] = values
         else:
-            value = evaluate(cfg.parameters[param.name], name, position) if param.name in cfg.parameters else None
+            value = evaluate_setting(cfg.parameters[param.name], name, position) if param.name in cfg.parameters else None
             params[param.name] = param.check(param.default if value is None else value, f"for tensor '{name}'")
     problem = method.check(params, f"for tensor '{name}'") if method.check else None
     if problem:
-        raise MergeError(problem)
+        raise MergelabError(problem)
     return params
 
 
@@ -442,9 +442,9 @@ def _explain_non_finite(plan: MergePlan, job: TensorJob) -> None:
         tensor = reader.get(job.name)
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise MergeError(f"{label}: tensor '{job.name}' contains {bad} NaN/Inf values; "
+            raise MergelabError(f"{label}: tensor '{job.name}' contains {bad} NaN/Inf values; "
                              f"fix or re-export that checkpoint")
-    raise MergeError(f"merging tensor '{job.name}' with {plan.method.name} produced NaN/Inf values from finite "
+    raise MergelabError(f"merging tensor '{job.name}' with {plan.method.name} produced NaN/Inf values from finite "
                      f"inputs (they overflow {str(job.out_dtype).removeprefix('torch.')}?); check the weights and "
                      f"lambda, or choose a wider out_dtype")
 

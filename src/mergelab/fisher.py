@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 
 from mergelab.config import read_records
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -19,7 +19,7 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     items = read_records(path)
     if not isinstance(items, list):
-        raise MergeError(f"{path} must hold a list of examples (JSON list or JSONL)")
+        raise MergelabError(f"{path} must hold a list of examples (JSON list or JSONL)")
     texts = []
     for number, item in enumerate(items):
         if isinstance(item, str):
@@ -29,9 +29,9 @@ def read_texts(path: str | Path) -> list[str]:
         elif isinstance(item, dict) and "input" in item and "output" in item:
             texts.append(f"{item['input']} {item['output']}")
         else:
-            raise MergeError(f"{path}: item {number} must be a string or have 'text' or 'input'/'output'")
+            raise MergelabError(f"{path}: item {number} must be a string or have 'text' or 'input'/'output'")
     if not texts:
-        raise MergeError(f"{path} holds no examples")
+        raise MergelabError(f"{path} holds no examples")
     return texts
 
 
@@ -57,7 +57,7 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
         count += 1
     model.zero_grad(set_to_none=True)
     if count == 0:
-        raise MergeError("no examples to estimate the Fisher from")
+        raise MergelabError("no examples to estimate the Fisher from")
     by_storage = {param.data_ptr(): sums[name].div_(count) for name, param in params.items()}
     fisher = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -80,10 +80,10 @@ def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Pat
 
     out_path = Path(out_path)
     if out_path.exists() and not force:
-        raise MergeError(f"{out_path} already exists; remove it or pass --force")
+        raise MergelabError(f"{out_path} already exists; remove it or pass --force")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise MergeError(f"model directory {model_dir} does not exist")
+        raise MergelabError(f"model directory {model_dir} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     texts = texts[:max_samples] if max_samples else texts

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -74,7 +74,7 @@ def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dt
     }
     key = str(name).lower().removeprefix("torch.")
     if key not in aliases:
-        raise MergeError(
+        raise MergelabError(
             f"{what} '{name}' is not a floating-point dtype mergelab can write; "
             f"use one of float32, float16, bfloat16, float64"
         )
@@ -87,10 +87,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise MergeError(f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it")
+            raise MergelabError(f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8 or header_len > 100_000_000:
-            raise MergeError(
+            raise MergelabError(
                 f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has "
                 f"{size}; re-download or re-save it"
             )
@@ -98,9 +98,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from None
+        raise MergelabError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from None
     if not isinstance(header, dict):
-        raise MergeError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
+        raise MergelabError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
                          f"re-download or re-save it")
     data_start = 8 + header_len
     data_len = size - data_start
@@ -113,17 +113,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path}: tensor '{name}' has an unreadable header entry {entry!r}") from None
+            raise MergelabError(f"{path}: tensor '{name}' has an unreadable header entry {entry!r}") from None
         numel = 1
         for dim in shape:
             numel *= dim
         if end > data_len:
-            raise MergeError(
+            raise MergelabError(
                 f"{path} is truncated: tensor '{name}' ends at byte {end} of the data but the file holds "
                 f"only {data_len}; re-download or re-save it"
             )
         if end - begin != numel * dtype.itemsize:
-            raise MergeError(f"{path} is corrupt: tensor '{name}' has {end - begin} bytes for shape {shape}")
+            raise MergelabError(f"{path} is corrupt: tensor '{name}' has {end - begin} bytes for shape {shape}")
         tensors[name] = TensorInfo(name, shape, dtype, path, (data_start + begin, data_start + end))
     return tensors
 
@@ -132,12 +132,12 @@ def _read_index(index_path: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MergeError(f"{index_path} is not a valid index file ({exc!r}); re-download the model") from None
+        raise MergelabError(f"{index_path} is not a valid index file ({exc!r}); re-download the model") from None
     files = {}
     for name, shard in weight_map.items():
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
-            raise MergeError(
+            raise MergelabError(
                 f"{index_path} names shard '{shard}' (for tensor '{name}') but {shard_path} does not exist; "
                 f"re-download the missing shard"
             )
@@ -163,14 +163,14 @@ class CheckpointReader:
         self.path = Path(path)
         self.label = label or str(path)
         if not self.path.exists():
-            raise MergeError(f"model '{self.label}': {self.path} does not exist; check the path")
+            raise MergelabError(f"model '{self.label}': {self.path} does not exist; check the path")
         self._local = threading.local()
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         self._bin_lock = threading.Lock()
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = self._list_tensors()
         if not self.tensors:
-            raise MergeError(f"model '{self.label}': {self.path} holds no tensors")
+            raise MergelabError(f"model '{self.label}': {self.path} holds no tensors")
 
     # -- listing -------------------------------------------------------------------------
     def _read_config(self) -> dict | None:
@@ -180,7 +180,7 @@ class CheckpointReader:
         try:
             return json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
-            raise MergeError(f"model '{self.label}': {config_path} is not valid JSON ({exc})") from None
+            raise MergelabError(f"model '{self.label}': {config_path} is not valid JSON ({exc})") from None
 
     def weight_files(self) -> list[Path]:
         """The files the tensors are read from."""
@@ -193,14 +193,14 @@ class CheckpointReader:
                 return read_safetensors_header(path)
             if path.suffix in (".bin", ".pt", ".pth"):
                 return self._list_bin([path])
-            raise MergeError(f"model '{self.label}': {path} is neither a .safetensors nor a .bin file")
+            raise MergelabError(f"model '{self.label}': {path} is neither a .safetensors nor a .bin file")
         if (path / SAFE_INDEX).is_file():
             files = _read_index(path / SAFE_INDEX)
             headers = {shard: read_safetensors_header(shard) for shard in sorted(set(files.values()))}
             tensors = {}
             for name, shard in files.items():
                 if name not in headers[shard]:
-                    raise MergeError(
+                    raise MergelabError(
                         f"{path / SAFE_INDEX} puts tensor '{name}' in {shard.name}, but that shard does not "
                         f"contain it; re-download the model"
                     )
@@ -218,10 +218,10 @@ class CheckpointReader:
             for file in loose:
                 for name, info in read_safetensors_header(file).items():
                     if name in tensors:
-                        raise MergeError(f"model '{self.label}': tensor '{name}' appears in two files under {path}")
+                        raise MergelabError(f"model '{self.label}': tensor '{name}' appears in two files under {path}")
                     tensors[name] = info
             return tensors
-        raise MergeError(
+        raise MergelabError(
             f"model '{self.label}': no weights found in {path} (expected {SAFE_INDEX}, {SAFE_SINGLE}, "
             f"{BIN_INDEX} or {BIN_SINGLE})"
         )
@@ -232,12 +232,12 @@ class CheckpointReader:
                 try:
                     state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as exc:  # torch raises many types for bad pickles
-                    raise MergeError(
+                    raise MergelabError(
                         f"model '{self.label}': cannot read {file} safely ({type(exc).__name__}: {exc}); "
                         f"convert it to safetensors"
                     ) from None
                 if not isinstance(state, dict):
-                    raise MergeError(f"model '{self.label}': {file} does not hold a state dict")
+                    raise MergelabError(f"model '{self.label}': {file} does not hold a state dict")
                 self._bin_cache = {file: state}  # keep one shard mapped at a time
             return self._bin_cache[file]
 
@@ -255,7 +255,7 @@ class CheckpointReader:
         try:
             info = self.tensors[name]
         except KeyError:
-            raise MergeError(f"model '{self.label}' has no tensor '{name}'") from None
+            raise MergelabError(f"model '{self.label}' has no tensor '{name}'") from None
         if info.offsets is None:
             return self._load_bin(info.file)[name].clone()
         begin, end = info.offsets
@@ -266,7 +266,7 @@ class CheckpointReader:
         while done < end - begin:
             got = os.preadv(handle, [view[done:]], begin + done)
             if got <= 0:
-                raise MergeError(f"model '{self.label}': {info.file} ended early while reading '{name}'")
+                raise MergelabError(f"model '{self.label}': {info.file} ended early while reading '{name}'")
             done += got
         return buffer.view(info.dtype).reshape(info.shape)
 
@@ -296,7 +296,7 @@ def resolve_model(ref: str | Path) -> Path:
         return local
     text = str(ref)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise MergeError(f"model '{ref}': {local} does not exist; check the path")
+        raise MergelabError(f"model '{ref}': {local} does not exist; check the path")
     repo_id, _, revision = text.partition("@")
     try:
         from huggingface_hub import HfApi, snapshot_download
@@ -307,7 +307,7 @@ def resolve_model(ref: str | Path) -> Path:
             skip.append("*.bin")
         return Path(snapshot_download(repo_id, revision=revision or None, ignore_patterns=skip))
     except Exception as exc:  # network errors come in many types
-        raise MergeError(
+        raise MergelabError(
             f"model '{ref}' is not a local path and could not be fetched from the Hugging Face Hub "
             f"({type(exc).__name__}: {exc}); check the name, your network, or download it first"
         ) from None
@@ -419,13 +419,13 @@ def parse_size(size: str | int) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(size), flags=re.IGNORECASE)
         if not match:
-            raise MergeError(f"shard size '{size}' is not a size; write it like 5GB, 500MB or 2GiB")
+            raise MergelabError(f"shard size '{size}' is not a size; write it like 5GB, 500MB or 2GiB")
         unit = (match.group(2) or "B").upper().rstrip("B") or "B"
         scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
                  "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
         value = int(float(match.group(1)) * scale)
     if value <= 0:
-        raise MergeError(f"shard size must be positive, got {size}")
+        raise MergelabError(f"shard size must be positive, got {size}")
     return value
 
 
@@ -435,11 +435,11 @@ def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[Path] = 
     for source in inputs:
         source = Path(source).absolute()
         if out == source or out in source.parents:
-            raise MergeError(f"output directory {out} holds input model {source}; choose another output directory")
+            raise MergelabError(f"output directory {out} holds input model {source}; choose another output directory")
     if out.exists() and not force:
-        raise MergeError(f"output directory {out} already exists; remove it, choose another, or pass --force")
+        raise MergelabError(f"output directory {out} already exists; remove it, choose another, or pass --force")
     if out.exists() and not out.is_dir():
-        raise MergeError(f"output path {out} exists and is not a directory")
+        raise MergelabError(f"output path {out} exists and is not a directory")
     return out
 
 

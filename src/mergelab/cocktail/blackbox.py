@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from mergelab.cocktail.loss import decoder_loss, encoder_loss, load_candidate
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import pooling_of
 
 
@@ -34,9 +34,9 @@ def blackbox_weights(candidates: Sequence[str | Path], examples: Sequence[dict],
         import nevergrad as ng
         import numpy as np
     except ImportError:
-        raise MergeError("the black-box recipe needs nevergrad: pip install 'mergelab[blackbox]'") from None
+        raise MergelabError("the black-box recipe needs nevergrad: pip install 'mergelab[blackbox]'") from None
     if budget < 1:
-        raise MergeError(f"budget must be at least 1 evaluation, got {budget}")
+        raise MergelabError(f"budget must be at least 1 evaluation, got {budget}")
     model, tokenizer = load_candidate(candidates[0], model_type, device)
     states = [_state(path, model_type) for path in candidates]
     anchor = _state(finetuned, model_type) if finetuned is not None else None

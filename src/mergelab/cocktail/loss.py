@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate.decoder import example_losses
 from mergelab.evaluate.encoder import embed
 from mergelab.evaluate.runner import check_tokenizer, pooling_of
@@ -28,25 +28,25 @@ MODEL_TYPES = ("decoder", "encoder")
 def check_examples(examples: Sequence[dict], model_type: str, neg_number: int = 7, where: str = "examples") -> None:
     """Refuse empty lists, missing keys and too few negatives before any model is loaded."""
     if model_type not in MODEL_TYPES:
-        raise MergeError(f"model_type '{model_type}' is not known; use 'decoder' or 'encoder'")
+        raise MergelabError(f"model_type '{model_type}' is not known; use 'decoder' or 'encoder'")
     if not examples:
-        raise MergeError(f"{where}: the example list is empty; give at least one few-shot example (5 is the default)")
+        raise MergelabError(f"{where}: the example list is empty; give at least one few-shot example (5 is the default)")
     for number, example in enumerate(examples):
         if not isinstance(example, dict):
-            raise MergeError(f"{where}, example {number}: must be a mapping")
+            raise MergelabError(f"{where}, example {number}: must be a mapping")
         if model_type == "decoder":
             missing = [k for k in ("input", "output") if k not in example]
         else:
             missing = [k for k in ("query", "pos", "neg") if k not in example]
         if missing:
-            raise MergeError(f"{where}, example {number} is missing {', '.join(map(repr, missing))} "
+            raise MergelabError(f"{where}, example {number} is missing {', '.join(map(repr, missing))} "
                              f"({model_type} examples need "
                              f"{'input and output' if model_type == 'decoder' else 'query, pos and neg'})")
         if model_type == "encoder":
             if not example["pos"]:
-                raise MergeError(f"{where}, example {number} has no positive passage")
+                raise MergelabError(f"{where}, example {number} has no positive passage")
             if len(example["neg"]) < neg_number:
-                raise MergeError(f"{where}, example {number} has {len(example['neg'])} negatives but neg_number is "
+                raise MergelabError(f"{where}, example {number} has {len(example['neg'])} negatives but neg_number is "
                                  f"{neg_number}; add negatives or lower neg_number")
 
 
@@ -56,13 +56,13 @@ def load_candidate(path: str | Path, model_type: str, device: str = "cpu"):
 
     path = Path(path)
     if not path.exists():
-        raise MergeError(f"candidate model {path} does not exist")
+        raise MergelabError(f"candidate model {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         loader = AutoModelForCausalLM if model_type == "decoder" else AutoModel
         model = loader.from_pretrained(path, dtype=torch.float32).to(device).eval()
     except (OSError, ValueError) as exc:
-        raise MergeError(f"cannot load candidate {path} as a {model_type}: {exc}") from None
+        raise MergelabError(f"cannot load candidate {path} as a {model_type}: {exc}") from None
     check_tokenizer(model, tokenizer, str(path))
     return model, tokenizer
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 from mergelab.cocktail.blackbox import blackbox_weights
 from mergelab.cocktail.loss import check_examples
 from mergelab.cocktail.weights import fewshot_losses, pooled, softmax_weights
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 RECIPES = ("full", "mono", "no_finetune", "unified", "blackbox")
 
@@ -52,7 +52,7 @@ class CocktailResult:
 def choose_recipe(finetuned, examples, recipe: str) -> str:
     if recipe != "auto":
         if recipe not in RECIPES:
-            raise MergeError(f"recipe '{recipe}' is not known; use one of {', '.join(RECIPES)} or auto")
+            raise MergelabError(f"recipe '{recipe}' is not known; use one of {', '.join(RECIPES)} or auto")
         return recipe
     if isinstance(examples, Mapping):
         return "unified"
@@ -86,21 +86,21 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
     """
     recipe = choose_recipe(finetuned, examples, recipe)
     if not 0.0 <= alpha <= 1.0:
-        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
+        raise MergelabError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
-        raise MergeError(f"temperature must be > 0, got {temperature}")
+        raise MergelabError(f"temperature must be > 0, got {temperature}")
     candidates = [str(m) for m in ([base] if base is not None else []) + list(peers)]
     if recipe in ("full", "mono") and finetuned is None:
-        raise MergeError(f"recipe '{recipe}' needs the fine-tuned model (--finetuned)")
+        raise MergelabError(f"recipe '{recipe}' needs the fine-tuned model (--finetuned)")
     if recipe == "mono":
         if base is None:
-            raise MergeError("recipe 'mono' merges the fine-tuned model with the base model; give --base")
+            raise MergelabError("recipe 'mono' merges the fine-tuned model with the base model; give --base")
         candidates = [str(base)]
     if not candidates:
-        raise MergeError(f"recipe '{recipe}' needs candidate models: a base model and/or peers")
+        raise MergelabError(f"recipe '{recipe}' needs candidate models: a base model and/or peers")
     if recipe != "mono":
         if examples is None:
-            raise MergeError(f"recipe '{recipe}' computes weights from few-shot examples; give --examples")
+            raise MergelabError(f"recipe '{recipe}' computes weights from few-shot examples; give --examples")
         examples = pooled(examples)
         check_examples(examples, model_type, opts.get("neg_number", 7))
     _check_same_architecture([finetuned, *candidates] if finetuned is not None else candidates)
@@ -142,10 +142,10 @@ def _check_same_architecture(models: Sequence) -> None:
     for model in models:
         config = Path(model) / "config.json"
         if not Path(model).exists():
-            raise MergeError(f"model {model} does not exist")
+            raise MergelabError(f"model {model} does not exist")
         if config.is_file():
             kind = json.loads(config.read_text()).get("model_type")
             seen.setdefault(kind, str(model))
     if len(seen) > 1:
         described = ", ".join(f"{m} is {k}" for k, m in seen.items())
-        raise MergeError(f"the models have different architectures ({described}); LM-Cocktail merges one architecture")
+        raise MergelabError(f"the models have different architectures ({described}); LM-Cocktail merges one architecture")

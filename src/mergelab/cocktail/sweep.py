@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mergelab.cocktail.recipes import cocktail
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, write_rows
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -33,18 +33,18 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         Rows ``{"alpha", "target", "general", <task>: score ...}``.
     """
     if (tasks is None) == (evaluate is None):
-        raise MergeError("give either tasks (a tasks file) or an evaluate callable for the sweep")
+        raise MergelabError("give either tasks (a tasks file) or an evaluate callable for the sweep")
     if not target:
-        raise MergeError("name the target task(s) of the fine-tuned model (--target)")
+        raise MergelabError("name the target task(s) of the fine-tuned model (--target)")
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise MergeError(f"alphas must be a non-empty list within [0, 1], got {list(alphas)}")
+        raise MergelabError(f"alphas must be a non-empty list within [0, 1], got {list(alphas)}")
     if tasks is not None and not isinstance(tasks, (list, tuple)):
         tasks = load_tasks(tasks)
     if tasks is not None:
         names = {t.name for t in tasks}
         missing = [t for t in target if t not in names]
         if missing:
-            raise MergeError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
+            raise MergelabError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models_dir = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))

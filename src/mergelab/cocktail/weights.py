@@ -8,13 +8,13 @@ from typing import Mapping, Sequence
 
 from mergelab.cocktail.loss import candidate_loss, check_examples
 from mergelab.config import read_records
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[float]:
     """softmax(−loss / τ), computed stably."""
     if temperature <= 0:
-        raise MergeError(f"temperature must be > 0, got {temperature}")
+        raise MergelabError(f"temperature must be > 0, got {temperature}")
     logits = [-loss / temperature for loss in losses]
     top = max(logits)
     exps = [math.exp(z - top) for z in logits]
@@ -26,10 +26,10 @@ def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model
     """L(M_i, E_t) for each candidate, loading one candidate at a time."""
     check_examples(examples, model_type, opts.get("neg_number", 7))
     if not models:
-        raise MergeError("no candidate models given")
+        raise MergelabError("no candidate models given")
     for path in models:
         if not Path(path).exists():
-            raise MergeError(f"candidate model {path} does not exist")
+            raise MergelabError(f"candidate model {path} does not exist")
     return [candidate_loss(path, examples, model_type, batch_size=batch_size, device=device, **opts)
             for path in models]
 
@@ -57,7 +57,7 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
         [0.31, 0.69]
     """
     if temperature <= 0:
-        raise MergeError(f"temperature must be > 0, got {temperature}")
+        raise MergelabError(f"temperature must be > 0, got {temperature}")
     return softmax_weights(fewshot_losses(models, examples, model_type, batch_size=batch_size, **opts), temperature)
 
 

@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mergelab.continual.sfa import StateDict, load_state, match_state
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 def check_strength(lam, name: str) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or math.isinf(lam):
-        raise MergeError(f"{name} strength lambda must be a finite number ≥ 0, got {lam!r}")
+        raise MergelabError(f"{name} strength lambda must be a finite number ≥ 0, got {lam!r}")
     return float(lam)
 
 
@@ -79,10 +79,10 @@ class EWCPenalty:
         self.terms = []
         for name, tensor, anchor_tensor in _trainable_pairs(model, load_state(anchor), "the EWC anchor"):
             if id(tensor) not in by_param:
-                raise MergeError(f"the Fisher lacks parameter '{name}'; estimate it on this model (empirical_fisher)")
+                raise MergelabError(f"the Fisher lacks parameter '{name}'; estimate it on this model (empirical_fisher)")
             fisher_name, weight = by_param[id(tensor)]
             if tuple(weight.shape) != tuple(tensor.shape):
-                raise MergeError(f"the Fisher's tensor '{fisher_name}' has shape {tuple(weight.shape)}, the model's "
+                raise MergelabError(f"the Fisher's tensor '{fisher_name}' has shape {tuple(weight.shape)}, the model's "
                                  f"{tuple(tensor.shape)}; estimate it on this model")
             self.terms.append((tensor, anchor_tensor, weight.detach().to(tensor.device, tensor.dtype)))
 
@@ -108,7 +108,7 @@ def empirical_fisher(model: torch.nn.Module, examples: Sequence[Any], loss_fn: L
         float32 tensors keyed by parameter name (one name per tied parameter).
     """
     if not examples:
-        raise MergeError("EWC needs examples of the old task to estimate the Fisher; the task has none")
+        raise MergelabError("EWC needs examples of the old task to estimate the Fisher; the task has none")
     chosen = list(examples)
     if samples is not None and samples < len(chosen):
         chosen = random.Random(seed).sample(chosen, samples)
@@ -142,10 +142,10 @@ class Rehearsal:
     def __init__(self, old_examples: Sequence[Any], fraction: float = 0.1, buffer_size: int | None = None,
                  seed: int = 0):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise MergeError(f"rehearsal fraction must be in (0, 1) (share of each batch from old tasks), "
+            raise MergelabError(f"rehearsal fraction must be in (0, 1) (share of each batch from old tasks), "
                              f"got {fraction!r}")
         if not old_examples:
-            raise MergeError("rehearsal needs old-task examples; the buffer is empty")
+            raise MergelabError("rehearsal needs old-task examples; the buffer is empty")
         self.fraction = float(fraction)
         self.buffer = list(old_examples)
         if buffer_size is not None and buffer_size < len(self.buffer):

@@ -10,7 +10,7 @@ Distributed training:
   a full replica, takes θ_o from its own (identical) model at ``on_train_begin`` and applies
   the same elementwise average at the same steps, so the replicas stay identical with no
   communication. Tested with two CPU processes (gloo).
-* **FSDP** and **DeepSpeed**: refused with a MergeError. Under FSDP a rank only holds shards
+* **FSDP** and **DeepSpeed**: refused with a MergelabError. Under FSDP a rank only holds shards
   and ``state_dict()`` gathers copies, so averaging those copies would change nothing; under
   DeepSpeed (and any optimizer that keeps fp32 master weights) the optimizer would overwrite
   the averaged weights at the next step. Averaging the sharded / master parameters directly
@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from mergelab.continual.sfa import SFA, StateDict, check_beta, check_p, load_state
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 class SFACallback(TrainerCallback):
@@ -56,9 +56,9 @@ class SFACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _refuse_sharded(args)
         if model is None:
-            raise MergeError("SFACallback got no model from the Trainer")
+            raise MergelabError("SFACallback got no model from the Trainer")
         if self._anchor is None and state.global_step > 0:
-            raise MergeError(
+            raise MergelabError(
                 f"SFACallback: training resumes at step {state.global_step}, so the model at train begin is not the "
                 f"previous task's checkpoint; pass it explicitly: SFACallback(anchor='path/to/previous-task-model')"
             )
@@ -67,7 +67,7 @@ class SFACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.sfa is None:
-            raise MergeError("SFACallback.on_step_end ran before on_train_begin; add the callback to the Trainer")
+            raise MergelabError("SFACallback.on_step_end ran before on_train_begin; add the callback to the Trainer")
         self.sfa.maybe_average(model, state.global_step)
 
     @property
@@ -78,8 +78,8 @@ class SFACallback(TrainerCallback):
 
 def _refuse_sharded(args) -> None:
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise MergeError("SFACallback does not support DeepSpeed: the optimizer's fp32 master weights (and ZeRO-3 "
+        raise MergelabError("SFACallback does not support DeepSpeed: the optimizer's fp32 master weights (and ZeRO-3 "
                          "partitions) would undo the averaging. Use DDP, or average the master weights yourself")
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise MergeError("SFACallback does not support FSDP: each rank holds only shards, so averaging the "
+        raise MergelabError("SFACallback does not support FSDP: each rank holds only shards, so averaging the "
                          "state dict would change nothing. Use DDP (a full replica per rank)")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mergelab.continual.stream import Harness, Method, Task, TrainSettings, run_stream
 from mergelab.devices import torch_threads
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 SCENARIOS = {"class": 10, "domain": 5}  # number of outputs
 
@@ -87,7 +87,7 @@ def split_digits(seed: int = 0, test_size: float = 0.3, scenario: str = "class"
     pixels = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # (1797, 64) in [0, 1]
     labels = torch.tensor(digits.target, dtype=torch.long)
     if scenario not in SCENARIOS:
-        raise MergeError(f"split-digits scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+        raise MergelabError(f"split-digits scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     train_rows, test_rows = train_test_split(list(range(len(labels))), test_size=test_size, random_state=seed,
                                              stratify=digits.target)
     tasks = []

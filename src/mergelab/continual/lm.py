@@ -25,7 +25,7 @@ from mergelab.continual.stream import Harness, Task, run_stream
 from mergelab.demo.tiny import TASKS as DEMO_SKILLS, build_tokenizer, encode, make_examples, tiny_llama
 from mergelab.devices import check_device
 from mergelab.config import read_records
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
 
@@ -35,32 +35,32 @@ def read_examples(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     items = read_records(path, "task file")
     if not isinstance(items, list):
-        raise MergeError(f"{path} must hold a list of examples (JSON list or JSONL)")
+        raise MergelabError(f"{path} must hold a list of examples (JSON list or JSONL)")
     for number, item in enumerate(items):
         if not (isinstance(item, dict) and isinstance(item.get("input"), str) and isinstance(item.get("output"), str)):
-            raise MergeError(f"{path}: example {number} must be an object with string fields 'input' and 'output'")
+            raise MergelabError(f"{path}: example {number} must be an object with string fields 'input' and 'output'")
     if not items:
-        raise MergeError(f"{path} holds no examples")
+        raise MergelabError(f"{path} holds no examples")
     return [{"input": item["input"], "output": item["output"]} for item in items]
 
 
 def load_task(spec: StreamSpec, task: TaskSpec, index: int) -> Task:
     if task.demo is not None:
         if task.demo not in DEMO_SKILLS:
-            raise MergeError(f"task '{task.name}': demo skill '{task.demo}' is unknown; choose one of: "
+            raise MergelabError(f"task '{task.name}': demo skill '{task.demo}' is unknown; choose one of: "
                              f"{', '.join(DEMO_SKILLS)}")
         return Task(task.name, make_examples(task.demo, task.train_size, spec.seed + index),
                     make_examples(task.demo, task.eval_size, spec.seed + index + 1000))
     if task.train is not None:
         if task.eval is None:
-            raise MergeError(f"task '{task.name}' has train but no eval file; add eval: (or use data: with "
+            raise MergelabError(f"task '{task.name}' has train but no eval file; add eval: (or use data: with "
                              f"eval_fraction)")
         return Task(task.name, read_examples(spec.resolve(task.train)), read_examples(spec.resolve(task.eval)))
     examples = read_examples(spec.resolve(task.data))
     random.Random(f"{spec.seed}:{task.name}").shuffle(examples)
     held_out = max(1, round(task.eval_fraction * len(examples)))
     if held_out >= len(examples):
-        raise MergeError(f"task '{task.name}': {len(examples)} examples are too few to hold out "
+        raise MergelabError(f"task '{task.name}': {len(examples)} examples are too few to hold out "
                          f"{task.eval_fraction:.0%} for evaluation")
     return Task(task.name, examples[held_out:], examples[:held_out])
 
@@ -73,12 +73,12 @@ def load_model(spec: StreamSpec):
 
     path = spec.resolve(spec.model)
     if not path.is_dir():
-        raise MergeError(f"model '{spec.model}' is neither 'tiny' nor a local model directory; check the path")
+        raise MergelabError(f"model '{spec.model}' is neither 'tiny' nor a local model directory; check the path")
     tokenizer = AutoTokenizer.from_pretrained(spec.resolve(spec.tokenizer) if spec.tokenizer else path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise MergeError(f"the tokenizer of '{spec.model}' needs BOS and EOS tokens to frame the examples")
+        raise MergelabError(f"the tokenizer of '{spec.model}' needs BOS and EOS tokens to frame the examples")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
@@ -111,10 +111,10 @@ def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[Task]) -> Evaluator:
     by_name = {task.name: task for task in eval_tasks}
     for task in tasks:
         if task.name not in by_name:
-            raise MergeError(f"evaluation file {spec.evaluation} has no task named '{task.name}'; name one task "
+            raise MergelabError(f"evaluation file {spec.evaluation} has no task named '{task.name}'; name one task "
                              f"after each task of the stream")
         if not by_name[task.name].higher_is_better:
-            raise MergeError(f"evaluation task '{task.name}' uses {by_name[task.name].metric}, where lower is "
+            raise MergelabError(f"evaluation task '{task.name}' uses {by_name[task.name].metric}, where lower is "
                              f"better; forgetting and the plots need a score where higher is better")
     chosen = [by_name[task.name] for task in tasks]
     return lambda model, tokenizer, _: evaluate_model(model, tokenizer, chosen, batch_size=spec.eval_batch_size)

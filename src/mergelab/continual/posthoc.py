@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelab.continual.sfa import load_state, restore, snapshot
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 POSTHOC_METHODS = ("task_arithmetic", "ties")
 
@@ -43,9 +43,9 @@ def merge_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], param
     overrides them (any parameter of that method, e.g. ``{"lambda": 0.8}`` or ``{"density": 0.5}``).
     """
     if method not in POSTHOC_METHODS:
-        raise MergeError(f"post-hoc baseline '{method}' is unknown; choose one of: {', '.join(POSTHOC_METHODS)}")
+        raise MergelabError(f"post-hoc baseline '{method}' is unknown; choose one of: {', '.join(POSTHOC_METHODS)}")
     if not expert_dirs:
-        raise MergeError(f"{method} needs at least one per-task model")
+        raise MergelabError(f"{method} needs at least one per-task model")
     merged_params: dict[str, Any] = {"lambda": 1.0 / len(expert_dirs)} if method == "task_arithmetic" else {}
     merged_params.update(parameters or {})
     return {"merge_method": method, "base_model": str(base_dir),

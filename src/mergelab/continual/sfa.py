@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -29,14 +29,14 @@ StateDict = Mapping[str, torch.Tensor]
 # -- parameter checks (shared by SFA, the callback and the stream runner) ----------------------
 def _number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MergeError(f"SFA {name} must be a number, got {value!r}")
+        raise MergelabError(f"SFA {name} must be a number, got {value!r}")
     return float(value)
 
 
 def check_p(p) -> float:
     p = _number(p, "p")
     if not 0.0 < p <= 1.0:  # also refuses NaN
-        raise MergeError(f"SFA p must be in (0, 1] (the fraction of the T steps between averagings; p=1 "
+        raise MergelabError(f"SFA p must be in (0, 1] (the fraction of the T steps between averagings; p=1 "
                          f"averages once, at the end), got {p}")
     return p
 
@@ -44,14 +44,14 @@ def check_p(p) -> float:
 def check_beta(beta) -> float:
     beta = _number(beta, "beta")
     if not 0.0 <= beta <= 1.0:
-        raise MergeError(f"SFA beta must be in [0, 1] (the weight on the previous task's checkpoint θ_o; "
+        raise MergelabError(f"SFA beta must be in [0, 1] (the weight on the previous task's checkpoint θ_o; "
                          f"default 0.5), got {beta}")
     return beta
 
 
 def check_total_steps(total_steps) -> int:
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise MergeError(f"SFA total_steps must be an integer of at least 1 (the optimizer steps planned on the "
+        raise MergelabError(f"SFA total_steps must be an integer of at least 1 (the optimizer steps planned on the "
                          f"new task), got {total_steps!r}")
     return total_steps
 
@@ -92,14 +92,14 @@ def match_state(model: torch.nn.Module, state: StateDict, what: str = "the SFA a
                 floats_only: bool = True) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Pair each (deduplicated) tensor of ``model`` with the tensor of the same name in ``state``.
 
-    A tied tensor may appear in ``state`` under any one of its names. Raises MergeError when
+    A tied tensor may appear in ``state`` under any one of its names. Raises MergelabError when
     ``state`` lacks a tensor, has one the model does not, or a shape differs.
     """
     entries = unwrap(model).state_dict(keep_vars=True)
     extra = sorted(name for name in state if name not in entries)
     if extra:
         hint = " (strip the 'module.' prefix of a DDP state dict)" if extra[0].startswith("module.") else ""
-        raise MergeError(f"{what} has tensor '{extra[0]}' that the model does not ({len(extra)} such tensors)"
+        raise MergelabError(f"{what} has tensor '{extra[0]}' that the model does not ({len(extra)} such tensors)"
                          f"{hint}; it must be a state dict of this same architecture")
     pairs, missing = [], []
     for names, tensor in _groups(entries, floats_only):
@@ -109,15 +109,15 @@ def match_state(model: torch.nn.Module, state: StateDict, what: str = "the SFA a
             continue
         other = state[found]
         if not isinstance(other, torch.Tensor):
-            raise MergeError(f"{what}: entry '{found}' is a {type(other).__name__}, not a tensor")
+            raise MergelabError(f"{what}: entry '{found}' is a {type(other).__name__}, not a tensor")
         if tuple(other.shape) != tuple(tensor.shape):
-            raise MergeError(f"{what}: tensor '{found}' has shape {tuple(other.shape)} but the model's has "
+            raise MergelabError(f"{what}: tensor '{found}' has shape {tuple(other.shape)} but the model's has "
                              f"{tuple(tensor.shape)}; it must be a checkpoint of this same architecture")
         if tensor.dtype.is_floating_point and not other.dtype.is_floating_point:
-            raise MergeError(f"{what}: tensor '{found}' is {other.dtype} but the model's is {tensor.dtype}")
+            raise MergelabError(f"{what}: tensor '{found}' is {other.dtype} but the model's is {tensor.dtype}")
         pairs.append((found, tensor, other))
     if missing:
-        raise MergeError(f"{what} lacks tensor '{missing[0]}' of the model ({len(missing)} such tensors); it must "
+        raise MergelabError(f"{what} lacks tensor '{missing[0]}' of the model ({len(missing)} such tensors); it must "
                          f"be a state dict of this same architecture (e.g. model.state_dict() after the previous task)")
     return pairs
 
@@ -136,7 +136,7 @@ def load_state(source: StateDict | torch.nn.Module | str | Path) -> StateDict:
             reader.close()
     if isinstance(source, Mapping):
         return source
-    raise MergeError(f"an SFA anchor must be a state dict, a module, or a checkpoint path; got {type(source).__name__}")
+    raise MergelabError(f"an SFA anchor must be a state dict, a module, or a checkpoint path; got {type(source).__name__}")
 
 
 def _storage_key(tensor: torch.Tensor):
@@ -230,7 +230,7 @@ class SFA:
     def should_average(self, step: int) -> bool:
         """Whether the rule fires after optimizer step ``step`` (counted from 1)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise MergeError(f"SFA step must be an integer of at least 1 (optimizer steps taken so far, counted "
+            raise MergelabError(f"SFA step must be an integer of at least 1 (optimizer steps taken so far, counted "
                              f"from 1), got {step!r}")
         return step % self.interval == 0 or step == self.total_steps
 

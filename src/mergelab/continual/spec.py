@@ -1,5 +1,5 @@
 """The YAML spec of ``mergelab sfa``: a model, a stream of tasks, the methods to compare, and
-how to train. Validated where it arrives; every problem is a MergeError naming the key.
+how to train. Validated where it arrives; every problem is a MergelabError naming the key.
 
     model: tiny                 # the demo's tiny Llama (random init), or a local HF causal-LM dir
     tasks:
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab.continual.stream import METHOD_NAMES, Method, TrainSettings
 from mergelab.config import read_yaml_mapping
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 Number = Union[float, list[float]]
 
@@ -99,19 +99,19 @@ class StreamSpec(BaseModel):
         if self.method is not None:
             entries.insert(0, MethodSpec(method=self.method, p=self.p, beta=self.beta, lam=self.lam))
         elif any(v is not None for v in (self.p, self.beta, self.lam)):
-            raise MergeError("the spec sets p, beta or lambda at the top level but no 'method'; add method: sfa "
+            raise MergelabError("the spec sets p, beta or lambda at the top level but no 'method'; add method: sfa "
                              "(or move them under an entry of 'methods')")
         if not entries:
-            raise MergeError("the spec names no method; add e.g. 'method: sfa' or a 'methods:' list")
+            raise MergelabError("the spec names no method; add e.g. 'method: sfa' or a 'methods:' list")
         methods = []
         for entry in entries:
             if entry.method not in METHOD_NAMES:
-                raise MergeError(f"unknown method '{entry.method}' in the spec; choose one of: "
+                raise MergelabError(f"unknown method '{entry.method}' in the spec; choose one of: "
                                  f"{', '.join(METHOD_NAMES)}")
             for key, owners in (("p", ("sfa",)), ("beta", ("sfa",)), ("lam", ("l2", "ewc"))):
                 if getattr(entry, key) is not None and entry.method not in owners:
                     name = "lambda" if key == "lam" else key
-                    raise MergeError(f"method '{entry.method}' does not use {name} (only {' and '.join(owners)} do); "
+                    raise MergelabError(f"method '{entry.method}' does not use {name} (only {' and '.join(owners)} do); "
                                      f"remove it or change the method")
             sweep = {key: value if isinstance(value, list) else [value]
                      for key, value in (("p", entry.p), ("beta", entry.beta), ("lam", entry.lam)) if value is not None}
@@ -129,26 +129,26 @@ def load_spec(source: str | Path | dict) -> StreamSpec:
     source, where, source_dir = read_yaml_mapping(source, "the SFA spec",
                                                   "at least 'tasks' and 'method' or 'methods'")
     if not source.get("tasks"):
-        raise MergeError(f"{where}: the task list is empty; list at least one task under 'tasks' "
+        raise MergelabError(f"{where}: the task list is empty; list at least one task under 'tasks' "
                          f"(each with name and train/eval files, data, or demo)")
     try:
         spec = StreamSpec.model_validate({**source, "source_dir": source_dir})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}"
                              for error in exc.errors())
-        raise MergeError(f"{where} is not a valid SFA spec: {problems}") from None
+        raise MergelabError(f"{where} is not a valid SFA spec: {problems}") from None
     if isinstance(spec.steps, list) and len(spec.steps) != len(spec.tasks):
-        raise MergeError(f"{where}: steps lists {len(spec.steps)} numbers for {len(spec.tasks)} tasks; give one per "
+        raise MergelabError(f"{where}: steps lists {len(spec.steps)} numbers for {len(spec.tasks)} tasks; give one per "
                          f"task or a single number")
     if spec.optimizer not in ("adamw", "sgd"):
-        raise MergeError(f"{where}: optimizer must be adamw or sgd, got {spec.optimizer!r}")
+        raise MergelabError(f"{where}: optimizer must be adamw or sgd, got {spec.optimizer!r}")
     steps = spec.steps if isinstance(spec.steps, list) else [spec.steps]
     if any(s < 1 for s in steps):
-        raise MergeError(f"{where}: steps must be at least 1 (optimizer steps per task), got {spec.steps}")
+        raise MergelabError(f"{where}: steps must be at least 1 (optimizer steps per task), got {spec.steps}")
     for task in spec.tasks:
         given = [k for k in ("train", "data", "demo") if getattr(task, k) is not None]
         if len(given) != 1:
-            raise MergeError(f"{where}: task '{task.name}' needs exactly one of train (+ eval), data, or demo; "
+            raise MergelabError(f"{where}: task '{task.name}' needs exactly one of train (+ eval), data, or demo; "
                              f"got {given or 'none'}")
     spec.all_methods()  # check the methods now, before any training
     return spec

@@ -36,7 +36,7 @@ import torch
 from mergelab.continual.baselines import EWCPenalty, L2Penalty, Rehearsal, check_strength, empirical_fisher, union
 from mergelab.continual.posthoc import POSTHOC_METHODS, load_checkpoint, merge_task_models, save_checkpoint
 from mergelab.continual.sfa import SFA, check_beta, check_p, l2_distance, restore, snapshot
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate.continual import continual_summary
 
 METHOD_NAMES = ("sequential", "sfa", "l2", "ewc", "rehearsal", "multitask", *POSTHOC_METHODS)
@@ -67,14 +67,14 @@ class Method:
 
     def check(self) -> "Method":
         if self.name not in METHOD_NAMES:
-            raise MergeError(f"unknown continual method '{self.name}'; choose one of: {', '.join(METHOD_NAMES)}")
+            raise MergelabError(f"unknown continual method '{self.name}'; choose one of: {', '.join(METHOD_NAMES)}")
         if self.name == "sfa":
             check_p(self.p)
             check_beta(self.beta)
         if self.name in ("l2", "ewc"):
             check_strength(self.lam, self.name)
         if self.name == "rehearsal" and not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 1):
-            raise MergeError(f"rehearsal fraction must be in (0, 1), got {self.fraction!r}")
+            raise MergelabError(f"rehearsal fraction must be in (0, 1), got {self.fraction!r}")
         return self
 
     @property
@@ -136,7 +136,7 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    raise MergeError(f"optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
+    raise MergelabError(f"optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
 
 
 def fit(model: torch.nn.Module, draw_batch: Callable[[], Any], steps: int, loss_fn, optimizer,
@@ -172,18 +172,18 @@ class StreamRunner:
     def __init__(self, model: torch.nn.Module, tasks: Sequence[Task], settings: TrainSettings, harness: Harness,
                  log: Callable[[str], None] | None = None, workdir: str | Path | None = None):
         if not tasks:
-            raise MergeError("the task list is empty; give at least one task (two to measure forgetting)")
+            raise MergelabError("the task list is empty; give at least one task (two to measure forgetting)")
         for task in tasks:
             if not task.train:
-                raise MergeError(f"task '{task.name}' has no training examples")
+                raise MergelabError(f"task '{task.name}' has no training examples")
         names = [task.name for task in tasks]
         if len(set(names)) != len(names):
-            raise MergeError(f"task names must be unique, got {names}")
+            raise MergelabError(f"task names must be unique, got {names}")
         steps = [settings.steps] if isinstance(settings.steps, int) else list(settings.steps)
         if not isinstance(settings.steps, int) and len(steps) != len(tasks):
-            raise MergeError(f"steps lists {len(steps)} numbers for {len(tasks)} tasks; give one per task or one number")
+            raise MergelabError(f"steps lists {len(steps)} numbers for {len(tasks)} tasks; give one per task or one number")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
-            raise MergeError(f"steps must be integers of at least 1 (optimizer steps per task), got {settings.steps}")
+            raise MergelabError(f"steps must be integers of at least 1 (optimizer steps per task), got {settings.steps}")
         self.model, self.tasks, self.settings, self.harness = model, list(tasks), settings, harness
         self.log = log or (lambda _: None)
         self.workdir = Path(workdir) if workdir else None
@@ -204,7 +204,7 @@ class StreamRunner:
         scores = self.harness.evaluate(self.model, stage)
         missing = [task.name for task in self.tasks if task.name not in scores]
         if missing:
-            raise MergeError(f"the evaluator returned no score for task '{missing[0]}' (it returned "
+            raise MergelabError(f"the evaluator returned no score for task '{missing[0]}' (it returned "
                              f"{sorted(scores)}); it must score every task of the stream")
         return [float(scores[task.name]) for task in self.tasks]
 
@@ -320,7 +320,7 @@ def run_stream(model: torch.nn.Module, tasks: Sequence[Task], methods: Sequence[
     """
     methods = [methods] if isinstance(methods, Method) else list(methods)
     if not methods:
-        raise MergeError("no methods to run; give at least one (e.g. sequential and sfa)")
+        raise MergelabError("no methods to run; give at least one (e.g. sequential and sfa)")
     for method in methods:
         method.check()
     runner = StreamRunner(model, tasks, settings, harness, log, workdir)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import yaml
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import RESULT_FIELDS, evaluate_models, write_rows
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
@@ -35,7 +35,7 @@ def _require(module: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MergeError(f"{package} is not installed; it comes with mergelab's 'harness' extra: "
+        raise MergelabError(f"{package} is not installed; it comes with mergelab's 'harness' extra: "
                          f"pip install 'mergelab[harness]'") from None
 
 
@@ -69,7 +69,7 @@ def _row(model, task, category, split, kind, metric, score, higher_is_better, n)
 def _check_model_dir(model_dir) -> Path:
     path = Path(model_dir)
     if not path.exists():
-        raise MergeError(f"model directory {path} does not exist")
+        raise MergelabError(f"model directory {path} does not exist")
     return path
 
 
@@ -97,7 +97,7 @@ def lm_eval_config(task: Task, data_file: Path, name: str) -> dict:
     else:
         what = f"metric {task.metric}" if task.kind == "generation" else f"kind {task.kind}"
         hint = "run_mteb (--backend mteb)" if task.kind == "retrieval" else "the mergelab backend"
-        raise MergeError(f"task '{task.name}' has {what}, which the lm-eval adapter does not convert (it takes "
+        raise MergelabError(f"task '{task.name}' has {what}, which the lm-eval adapter does not convert (it takes "
                          f"rank_classification, and generation with exact_match); evaluate it with {hint}")
     return config
 
@@ -131,7 +131,7 @@ def _task_manager(names: list[str], include_paths: list[str]):
         if name not in manager.all_tasks and not Path(name).is_file():
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "is it in the include_path (--lm-eval-include)?"
-            raise MergeError(f"lm-eval has no task '{name}'; {hint}")
+            raise MergelabError(f"lm-eval has no task '{name}'; {hint}")
     return manager
 
 
@@ -169,7 +169,7 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[Task | str], *, include_p
                 tasks=list(ours) + names, task_manager=manager, batch_size=batch_size, device=device,
                 limit=limit, log_samples=False, bootstrap_iters=0)
         except OSError as exc:
-            raise MergeError(f"lm-eval could not run on {model_dir}: {exc} (tasks named without include_path "
+            raise MergelabError(f"lm-eval could not run on {model_dir}: {exc} (tasks named without include_path "
                              f"download their datasets from the Hugging Face Hub)") from None
     return lm_eval_rows(results, model_dir, ours)
 
@@ -205,7 +205,7 @@ def _local_retrieval_task(task: Task):
 
     qrels = {q: {d: int(r) for d, r in docs.items()} for q, docs in task.qrels.items()}
     if any(int(r) != r for docs in task.qrels.values() for r in docs.values()):
-        raise MergeError(f"task '{task.name}': MTEB (pytrec_eval) takes integer relevance grades only")
+        raise MergelabError(f"task '{task.name}': MTEB (pytrec_eval) takes integer relevance grades only")
     _, k = metric_k(task.metric)
 
     class LocalRetrieval(AbsTaskRetrieval):
@@ -250,12 +250,12 @@ def run_mteb(model_dir: str | Path, tasks: Sequence[Task | str], *, batch_size: 
     ours = {f"mergelab-{t.name}": t for t in tasks if isinstance(t, Task)}
     for task in ours.values():
         if task.kind != "retrieval":
-            raise MergeError(f"task '{task.name}' has kind {task.kind}; the MTEB adapter runs retrieval tasks only")
+            raise MergelabError(f"task '{task.name}' has kind {task.kind}; the MTEB adapter runs retrieval tasks only")
     names = [t for t in tasks if isinstance(t, str)]
     try:
         named = list(mteb.get_tasks(tasks=names)) if names else []
     except KeyError as exc:
-        raise MergeError(f"MTEB does not know task(s) {', '.join(names)}: {exc}") from None
+        raise MergelabError(f"MTEB does not know task(s) {', '.join(names)}: {exc}") from None
     mteb_tasks = [_local_retrieval_task(t) for t in ours.values()] + named
     with _quiet():
         model = sentence_transformers.SentenceTransformer(str(model_dir), device=device)
@@ -263,7 +263,7 @@ def run_mteb(model_dir: str | Path, tasks: Sequence[Task | str], *, batch_size: 
             result = mteb.evaluate(model, mteb_tasks, cache=None, encode_kwargs={"batch_size": batch_size},
                                    show_progress_bar=False, co2_tracker=False)
         except OSError as exc:
-            raise MergeError(f"MTEB could not load a dataset ({exc}); MTEB task names download their data from "
+            raise MergelabError(f"MTEB could not load a dataset ({exc}); MTEB task names download their data from "
                              f"the Hugging Face Hub, so they need network access or a filled HF cache") from None
     rows = []
     for task_result in result.task_results:
@@ -314,16 +314,16 @@ def ingest_mteb_results(path: str | Path, model: str | None = None) -> list[dict
     """
     path = Path(path)
     if not path.exists():
-        raise MergeError(f"MTEB results {path} do not exist")
+        raise MergelabError(f"MTEB results {path} do not exist")
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*.json") if f.name != "model_meta.json")
     rows = []
     for file in files:
         try:
             result = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
-            raise MergeError(f"{file} is not JSON ({exc})") from None
+            raise MergelabError(f"{file} is not JSON ({exc})") from None
         if not isinstance(result, dict) or not isinstance(result.get("scores"), dict) or "task_name" not in result:
-            raise MergeError(f"{file} is not an MTEB result file (it needs 'task_name' and 'scores')")
+            raise MergelabError(f"{file} is not an MTEB result file (it needs 'task_name' and 'scores')")
         meta = file.parent / "model_meta.json"
         name = model or (json.loads(meta.read_text()).get("name") if meta.is_file() else None) or str(file.parent)
         rows += mteb_result_rows(result, name)
@@ -350,11 +350,11 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
         >>> rows = evaluate_with_backend(["merged/"], "tasks.yml", backend="lm-eval")  # doctest: +SKIP
     """
     if backend not in BACKENDS:
-        raise MergeError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        raise MergelabError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
     if tasks is None and not lm_eval_tasks:
-        raise MergeError("nothing to evaluate: give a tasks file (--tasks) or lm-eval task names (--lm-eval)")
+        raise MergelabError("nothing to evaluate: give a tasks file (--tasks) or lm-eval task names (--lm-eval)")
     if lm_eval_include is not None and not lm_eval_tasks:
-        raise MergeError(f"{lm_eval_include} holds lm-eval tasks, but none is named; name them with --lm-eval")
+        raise MergelabError(f"{lm_eval_include} holds lm-eval tasks, but none is named; name them with --lm-eval")
     tasks = load_tasks(tasks) if tasks is not None and not isinstance(tasks, (list, tuple)) else list(tasks or [])
     for model_dir in model_dirs:  # fail before the first (slow) load
         _check_model_dir(model_dir)

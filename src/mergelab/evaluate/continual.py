@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 def _check(matrix: Sequence[Sequence[float]]) -> int:
     stages = len(matrix)
     if stages == 0:
-        raise MergeError("the accuracy matrix is empty; evaluate after at least one stage")
+        raise MergelabError("the accuracy matrix is empty; evaluate after at least one stage")
     for row in matrix:
         if len(row) != stages:
-            raise MergeError(f"the accuracy matrix must be square (stages × tasks), got a row of {len(row)} "
+            raise MergelabError(f"the accuracy matrix must be square (stages × tasks), got a row of {len(row)} "
                              f"scores for {stages} stages")
     return stages
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -20,7 +20,7 @@ def ensure_pad_token(tokenizer) -> int:
     """The pad id, falling back to EOS for tokenizers without one (GPT-2, Llama)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise MergeError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+            raise MergelabError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.pad_token_id
 
@@ -105,7 +105,7 @@ def rank_choices(model, tokenizer, examples: Sequence[dict], *, batch_size: int 
     for number, example in enumerate(examples):
         pairs = [split_encode(tokenizer, example["input"], str(option), separator) for option in example["options"]]
         if any(not continuation for _, continuation in pairs):
-            raise MergeError(f"example {number}: an option encodes to no tokens; options must be non-empty text")
+            raise MergelabError(f"example {number}: an option encodes to no tokens; options must be non-empty text")
         groups.append(pairs)
     try:
         scored = shared_context_logprobs(model, groups, pad_id=pad_id, batch_size=batch_size,
@@ -200,7 +200,7 @@ def example_losses(model, tokenizer, examples: Sequence[dict], *, batch_size: in
         if "text" in example:
             ids = tokenizer(example["text"])["input_ids"] + eos
             if len(ids) < 2:
-                raise MergeError(f"example {example!r} is too short to have a loss")
+                raise MergelabError(f"example {example!r} is too short to have a loss")
             groups.append([(ids[:1], ids[1:])])
         else:
             context, continuation = split_encode(tokenizer, example["input"], example["output"])

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -16,7 +16,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    raise MergeError(f"pooling '{pooling}' is not known; use 'cls' or 'mean'")
+    raise MergelabError(f"pooling '{pooling}' is not known; use 'cls' or 'mean'")
 
 
 def embed(model, tokenizer, texts: Sequence[str], *, pooling: str = "cls", batch_size: int = 32,

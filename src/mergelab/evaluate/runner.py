@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 from mergelab.evaluate.encoder import rank_corpus
 from mergelab.evaluate.metrics import RANKING_METRICS, best_over_references
@@ -58,7 +58,7 @@ def check_tokenizer(model, tokenizer, where: str) -> None:
     """A tokenizer that emits ids the model has no embedding for is the wrong tokenizer."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise MergeError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+        raise MergelabError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
                          f"embeddings; the tokenizer does not belong to this model")
 
 
@@ -91,17 +91,17 @@ def load_for_tasks(model_dir: str | Path, tasks: Sequence[Task], device: str = "
 
     retrieval = {t.kind == "retrieval" for t in tasks}
     if len(retrieval) > 1:
-        raise MergeError("retrieval tasks (encoders) and decoder tasks cannot be evaluated on one model in "
+        raise MergelabError("retrieval tasks (encoders) and decoder tasks cannot be evaluated on one model in "
                          "one call; split the tasks file")
     path = Path(model_dir)
     if not path.exists():
-        raise MergeError(f"model directory {path} does not exist")
+        raise MergelabError(f"model directory {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         loader = AutoModel if retrieval == {True} else AutoModelForCausalLM
         model = loader.from_pretrained(path, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as exc:
-        raise MergeError(f"cannot load model {path} with transformers: {exc}") from None
+        raise MergelabError(f"cannot load model {path} with transformers: {exc}") from None
     check_tokenizer(model, tokenizer, str(path))
     return model, tokenizer
 
@@ -118,7 +118,7 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | st
         tasks = load_tasks(tasks)
     for model_dir in model_dirs:  # fail before the first (slow) load
         if not Path(model_dir).exists():
-            raise MergeError(f"model directory {model_dir} does not exist")
+            raise MergelabError(f"model directory {model_dir} does not exist")
     rows = []
     for model_dir in model_dirs:
         model, tokenizer = load_for_tasks(model_dir, tasks, device=device)

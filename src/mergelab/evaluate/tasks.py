@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergelab.config import read_records
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 KINDS = ("rank_classification", "generation", "loss", "retrieval")
 METRICS: dict[str, tuple[str, ...]] = {
@@ -71,7 +71,7 @@ def metric_k(metric: str) -> tuple[str, int]:
     """'ndcg@10' -> ('ndcg', 10)."""
     match = _AT_K.match(metric)
     if not match:
-        raise MergeError(f"retrieval metric '{metric}' must look like ndcg@10, mrr@10 or recall@5")
+        raise MergelabError(f"retrieval metric '{metric}' must look like ndcg@10, mrr@10 or recall@5")
     return match.group(1), int(match.group(2))
 
 
@@ -82,8 +82,8 @@ def _as_mapping(value: Any, where: str, key: str = "id", text: str = "text") -> 
         try:
             return {str(item[key]): str(item[text]) for item in value}
         except (KeyError, TypeError):
-            raise MergeError(f"{where}: each entry needs '{key}' and '{text}'") from None
-    raise MergeError(f"{where} must be a mapping of id -> text or a list of {{{key}, {text}}}")
+            raise MergelabError(f"{where}: each entry needs '{key}' and '{text}'") from None
+    raise MergelabError(f"{where} must be a mapping of id -> text or a list of {{{key}, {text}}}")
 
 
 def _as_qrels(value: Any, where: str) -> dict[str, dict[str, float]]:
@@ -95,9 +95,9 @@ def _as_qrels(value: Any, where: str) -> dict[str, dict[str, float]]:
             try:
                 qrels.setdefault(str(item["query"]), {})[str(item["doc"])] = float(item.get("relevance", 1))
             except (KeyError, TypeError):
-                raise MergeError(f"{where}: each qrel needs 'query' and 'doc' (and optional 'relevance')") from None
+                raise MergelabError(f"{where}: each qrel needs 'query' and 'doc' (and optional 'relevance')") from None
         return qrels
-    raise MergeError(f"{where} must map query id -> {{doc id: relevance}} or list {{query, doc, relevance}}")
+    raise MergelabError(f"{where} must map query id -> {{doc id: relevance}} or list {{query, doc, relevance}}")
 
 
 def _resolve(raw: dict[str, Any], base_dir: Path | None, where: str) -> dict[str, Any]:
@@ -122,24 +122,24 @@ def _resolve(raw: dict[str, Any], base_dir: Path | None, where: str) -> dict[str
 def make_task(raw: dict[str, Any], base_dir: Path | None = None, where: str = "task") -> Task:
     """Build and validate one task from a dict (paths relative to ``base_dir``)."""
     if not isinstance(raw, dict):
-        raise MergeError(f"{where} must be a mapping with name, kind and examples")
+        raise MergelabError(f"{where} must be a mapping with name, kind and examples")
     where = f"task '{raw.get('name', where)}'"
     try:
         task = Task.model_validate(_resolve(raw, base_dir, where))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or where}: {e['msg']}" for e in exc.errors())
-        raise MergeError(f"{where} is not valid: {problems}") from None
+        raise MergelabError(f"{where} is not valid: {problems}") from None
     if task.kind not in KINDS:
-        raise MergeError(f"{where}: unknown kind '{task.kind}'; use one of {', '.join(KINDS)}")
+        raise MergelabError(f"{where}: unknown kind '{task.kind}'; use one of {', '.join(KINDS)}")
     if not task.metric:
         task.metric = {"retrieval": "ndcg@10"}.get(task.kind, METRICS[task.kind][0])
     allowed = METRICS[task.kind]
     if task.kind == "retrieval":
         name, _ = metric_k(task.metric)
         if f"{name}@k" not in allowed:
-            raise MergeError(f"{where}: unknown metric '{task.metric}'")
+            raise MergelabError(f"{where}: unknown metric '{task.metric}'")
     elif task.metric not in allowed:
-        raise MergeError(f"{where}: unknown metric '{task.metric}' for kind {task.kind}; use one of {', '.join(allowed)}")
+        raise MergelabError(f"{where}: unknown metric '{task.metric}' for kind {task.kind}; use one of {', '.join(allowed)}")
     _check_examples(task, where)
     return task
 
@@ -147,41 +147,41 @@ def make_task(raw: dict[str, Any], base_dir: Path | None = None, where: str = "t
 def _check_examples(task: Task, where: str) -> None:
     if task.kind == "retrieval":
         if not task.corpus or not task.queries or not task.qrels:
-            raise MergeError(f"{where}: a retrieval task needs corpus, queries and qrels")
+            raise MergelabError(f"{where}: a retrieval task needs corpus, queries and qrels")
         for query, docs in task.qrels.items():
             if query not in task.queries:
-                raise MergeError(f"{where}: qrels name query '{query}', which is not among the queries")
+                raise MergelabError(f"{where}: qrels name query '{query}', which is not among the queries")
             for doc in docs:
                 if doc not in task.corpus:
-                    raise MergeError(f"{where}: qrel ({query}, {doc}) points to document '{doc}', "
+                    raise MergelabError(f"{where}: qrel ({query}, {doc}) points to document '{doc}', "
                                      f"which is not in the corpus")
         return
     if not task.examples:
-        raise MergeError(f"{where} has no examples; give 'examples' or a 'data' file")
+        raise MergelabError(f"{where} has no examples; give 'examples' or a 'data' file")
     for number, example in enumerate(task.examples):
         at = f"{where}, example {number}"
         if not isinstance(example, dict):
-            raise MergeError(f"{at} must be a mapping")
+            raise MergelabError(f"{at} must be a mapping")
         if task.kind == "rank_classification":
             _check_choice(example, at)
         elif task.kind == "generation":
             if "input" not in example or ("output" not in example and "outputs" not in example):
-                raise MergeError(f"{at} needs 'input' and 'output' (or 'outputs')")
+                raise MergelabError(f"{at} needs 'input' and 'output' (or 'outputs')")
         elif "text" not in example and ("input" not in example or "output" not in example):
-            raise MergeError(f"{at} needs 'text', or 'input' and 'output'")
+            raise MergelabError(f"{at} needs 'text', or 'input' and 'output'")
 
 
 def _check_choice(example: dict, at: str) -> None:
     for key in ("input", "options", "answer"):
         if key not in example:
-            raise MergeError(f"{at} is missing '{key}' (rank classification needs input, options, answer)")
+            raise MergelabError(f"{at} is missing '{key}' (rank classification needs input, options, answer)")
     options = example["options"]
     if not isinstance(options, list) or not options:
-        raise MergeError(f"{at}: options must be a non-empty list")
+        raise MergelabError(f"{at}: options must be a non-empty list")
     answer = example["answer"]
     if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(options)
                                         or isinstance(answer, str) and answer in options):
-        raise MergeError(f"{at}: answer {answer!r} is neither an index into options nor one of them")
+        raise MergelabError(f"{at}: answer {answer!r} is neither an index into options nor one of them")
 
 
 def answer_index(example: dict) -> int:
@@ -199,16 +199,16 @@ def load_tasks(source: str | Path | list | dict) -> list[Task]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise MergeError(f"tasks file {path} does not exist")
+            raise MergelabError(f"tasks file {path} does not exist")
         base_dir = path.parent
         source = read_records(path)
     if isinstance(source, dict):
         source = source.get("tasks", [source])
     if not isinstance(source, list) or not source:
-        raise MergeError("the tasks file must hold a non-empty list of tasks (under 'tasks:')")
+        raise MergelabError("the tasks file must hold a non-empty list of tasks (under 'tasks:')")
     tasks = [t if isinstance(t, Task) else make_task(t, base_dir, f"task {i}") for i, t in enumerate(source)]
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise MergeError(f"task names must be unique; repeated: {', '.join(duplicates)}")
+        raise MergelabError(f"task names must be unique; repeated: {', '.join(duplicates)}")
     return tasks

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from mergelab.devices import torch_threads
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, normalize, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
 from mergelab.methods import get_method
@@ -138,7 +138,7 @@ def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executo
     spec = spec if isinstance(spec, GridSpec) else load_spec(spec)
     tasks = validate_spec(spec)
     if executor not in ("local", "ray"):
-        raise MergeError(f"executor '{executor}' is not known; use local or ray")
+        raise MergelabError(f"executor '{executor}' is not known; use local or ray")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.csv"
@@ -176,14 +176,14 @@ def _execute(spec: GridSpec, cells: list[Cell], models_dir: Path, keep_models: b
     try:
         import ray
     except ImportError:
-        raise MergeError("--executor ray needs Ray: pip install 'mergelab[distributed]'") from None
+        raise MergelabError("--executor ray needs Ray: pip install 'mergelab[distributed]'") from None
     started_here = not ray.is_initialized()
     if started_here:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
                 ray.init(include_dashboard=False, log_to_driver=False)
         except ConnectionError as exc:
-            raise MergeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+            raise MergelabError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     try:
         remote = ray.remote(run_cell)
         pending = [remote.remote(spec_data, asdict(cell), str(models_dir.absolute()), keep_models) for cell in cells]

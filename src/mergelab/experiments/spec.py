@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergelab.config import read_yaml_mapping
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.evaluate import Task, load_tasks
 from mergelab.methods import get_method
 
@@ -67,7 +67,7 @@ def load_spec(source: str | Path | dict) -> GridSpec:
         spec = GridSpec.model_validate(source)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise MergeError(f"{where} is not valid: {problems}") from None
+        raise MergelabError(f"{where} is not valid: {problems}") from None
     if base_dir is not None:
         spec = _resolve_paths(spec, base_dir)
     validate_spec(spec, where)
@@ -91,45 +91,45 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
     for label, path in [("base", spec.base), ("multitask", spec.multitask)] + [
             (f"expert '{e.name}'", e.model) for e in spec.experts]:
         if path is not None and not Path(path).exists():
-            raise MergeError(f"{where}: {label} model {path} does not exist")
+            raise MergelabError(f"{where}: {label} model {path} does not exist")
     names = [e.name for e in spec.experts]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise MergeError(f"{where}: expert names must be unique; repeated: {', '.join(repeated)}")
+        raise MergelabError(f"{where}: expert names must be unique; repeated: {', '.join(repeated)}")
     method_names = [m.name for m in spec.methods]
     if not spec.methods or len(set(method_names)) != len(method_names):
-        raise MergeError(f"{where}: give at least one method, each with a unique name")
+        raise MergelabError(f"{where}: give at least one method, each with a unique name")
     reserved = {"base", "expert", "multitask"} & set(method_names)
     if reserved:
-        raise MergeError(f"{where}: method names {sorted(reserved)} are reserved for reference rows; rename them")
+        raise MergelabError(f"{where}: method names {sorted(reserved)} are reserved for reference rows; rename them")
     for method in spec.methods:
         definition = get_method(method.merge_method)
         if any(n < definition.min_models or (definition.max_models and n > definition.max_models)
                for n in spec.n_experts):
-            raise MergeError(f"{where}: method '{method.name}' ({method.merge_method}) cannot merge "
+            raise MergelabError(f"{where}: method '{method.name}' ({method.merge_method}) cannot merge "
                              f"{spec.n_experts} experts")
     if not spec.n_experts or any(n < 1 for n in spec.n_experts):
-        raise MergeError(f"{where}: n_experts must list positive numbers")
+        raise MergelabError(f"{where}: n_experts must list positive numbers")
     if max(spec.n_experts) > len(spec.experts):
-        raise MergeError(f"{where}: n_experts asks for {max(spec.n_experts)} experts but only "
+        raise MergelabError(f"{where}: n_experts asks for {max(spec.n_experts)} experts but only "
                          f"{len(spec.experts)} are listed")
     if not spec.seeds:
-        raise MergeError(f"{where}: give at least one seed")
+        raise MergelabError(f"{where}: give at least one seed")
     if not Path(spec.tasks).is_file():
-        raise MergeError(f"{where}: tasks file {spec.tasks} does not exist")
+        raise MergelabError(f"{where}: tasks file {spec.tasks} does not exist")
     tasks = spec.load_tasks()
     for task in tasks:
         unset = {"category", "split"} - task.model_fields_set
         if unset:
-            raise MergeError(f"{where}: task '{task.name}' has no {' or '.join(sorted(unset))}; the grid needs "
+            raise MergelabError(f"{where}: task '{task.name}' has no {' or '.join(sorted(unset))}; the grid needs "
                              f"both to normalize and average (split: held_in or held_out)")
     by_name = {t.name: t for t in tasks}
     for expert in spec.experts:
         task = by_name.get(expert.task)
         if task is None:
-            raise MergeError(f"{where}: expert '{expert.name}' is for task '{expert.task}', which the tasks file "
+            raise MergelabError(f"{where}: expert '{expert.name}' is for task '{expert.task}', which the tasks file "
                              f"does not define")
         if task.split != "held_in":
-            raise MergeError(f"{where}: expert '{expert.name}' is for task '{expert.task}', whose split is "
+            raise MergelabError(f"{where}: expert '{expert.name}' is for task '{expert.task}', whose split is "
                              f"'{task.split}'; an expert's own task must be held_in")
     return tasks

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.methods.base import MergeMethod, Param
 from mergelab.methods.linear import check_fisher, check_linear, check_lm_cocktail, fisher, linear, lm_cocktail
 from mergelab.methods.model_stock import model_stock
@@ -104,7 +104,7 @@ def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise MergeError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
+        raise MergelabError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
 
 
 __all__ = ["METHODS", "MergeMethod", "Param", "get_method", "IGNORED_PARAMS"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,24 @@ class Param:
         """Coerce and range-check a value; ``where`` names the tensor/model for the message."""
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise MergeError(f"parameter '{self.name}' {where} must be true or false, got {value!r}")
+                raise MergelabError(f"parameter '{self.name}' {where} must be true or false, got {value!r}")
             return value
         if self.kind is str:
             if not isinstance(value, str):
-                raise MergeError(f"parameter '{self.name}' {where} must be a string, got {value!r}")
+                raise MergelabError(f"parameter '{self.name}' {where} must be a string, got {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MergeError(f"parameter '{self.name}' {where} must be a number, got {value!r}")
+            raise MergelabError(f"parameter '{self.name}' {where} must be a number, got {value!r}")
         value = float(value)
         if value != value:
-            raise MergeError(f"parameter '{self.name}' {where} is NaN")
+            raise MergelabError(f"parameter '{self.name}' {where} is NaN")
         too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
         too_high = self.high is not None and value > self.high
         if too_low or too_high:
             left = "(" if self.low_open else "["
             low = "-inf" if self.low is None else f"{self.low:g}"
             high = "inf" if self.high is None else f"{self.high:g}"
-            raise MergeError(
+            raise MergelabError(
                 f"parameter '{self.name}' {where} is {value:g}, outside {left}{low}, {high}]; "
                 f"set it inside that range"
             )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.methods.base import weighted_sum
 
 
 def _normalized(weights: list[float], what: str) -> list[float]:
     total = sum(weights)
     if abs(total) < 1e-12:
-        raise MergeError(f"{what} weights {weights} sum to zero and cannot be normalized; change the weights")
+        raise MergelabError(f"{what} weights {weights} sum to zero and cannot be normalized; change the weights")
     return [w / total for w in weights]
 
 
@@ -50,7 +50,7 @@ def lm_cocktail(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weigh
     weights are normalized to sum to one (the weight given to M_t itself is ignored).
     """
     if len(tensors) < 2:
-        raise MergeError("lm_cocktail needs the fine-tuned model followed by at least one other model")
+        raise MergelabError("lm_cocktail needs the fine-tuned model followed by at least one other model")
     mixed = weighted_sum(tensors[1:], _normalized(weight[1:], "lm_cocktail candidate"))
     return mixed.mul_(1.0 - alpha).add_(tensors[0], alpha=alpha)
 

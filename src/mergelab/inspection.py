@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mergelab.engine import Source, check_tensors
-from mergelab.errors import MergeError
+from mergelab.errors import MergelabError
 from mergelab.io import CheckpointReader, resolve_model
 from mergelab.methods.sparsify import magnitude_mask
 
@@ -33,9 +33,9 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
         >>> report["overall"]["cosine"]["math | code"]  # doctest: +SKIP
     """
     if len(models) < 2:
-        raise MergeError("inspect needs at least two fine-tuned models besides --base")
+        raise MergelabError("inspect needs at least two fine-tuned models besides --base")
     if not 0 < density <= 1:
-        raise MergeError(f"--density must be in (0, 1], got {density}")
+        raise MergelabError(f"--density must be in (0, 1], got {density}")
     labels = [str(m) for m in models]
     sources = [Source(str(ref), CheckpointReader(resolve_model(ref), label=str(ref)), {}) for ref in [base, *models]]
     skipped = check_tensors(sources)
