@@ -1,0 +1,155 @@
+"""Load a Hugging Face model directory as a transformers model, with one set of clear errors.
+
+Evaluation, LM-Cocktail, continual training and Fisher estimation all load models through
+``load_model``. ``check_model_dir`` makes the cheap checks (the path exists, holds a config and
+weights, and has a usable tokenizer) without loading any weights, so a command can run it on
+every input before its first expensive step.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from mergelab.errors import MergelabError
+from mergelab.io import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
+
+KINDS = ("causal", "encoder")
+WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
+# Any one of these lets AutoTokenizer build a tokenizer without downloading anything:
+# a fast tokenizer's JSON, a sentencepiece/tiktoken model, a WordPiece vocabulary, or a BPE pair.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("sentencepiece.bpe.model",),
+                   ("vocab.txt",), ("vocab.json", "merges.txt"))
+TOKENIZER_HINT = "pass --tokenizer PATH (tokenizer= in the Python API) to use another directory's tokenizer"
+
+
+def not_plain_checkpoint(file: str | Path) -> MergelabError:
+    """The error for a ``.bin`` file that ``torch.load(weights_only=True)`` refuses.
+
+    Such a file pickles Python objects besides tensors; loading it would run arbitrary code, so
+    mergelab never does. Shared by every loader so the advice is the same everywhere.
+    """
+    return MergelabError(f"{file} is not a plain tensor checkpoint (it pickles other Python objects, which are "
+                         f"never loaded for safety); convert it to safetensors\n"
+                         f"  hint: where the checkpoint was made, model.save_pretrained(DIR) writes safetensors")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    # A tokenizer_config.json alone may still name a tokenizer AutoTokenizer can build; let it try.
+    return (directory / "tokenizer_config.json").is_file() or any(
+        all((directory / name).is_file() for name in group) for group in TOKENIZER_FILES)
+
+
+def _tokenizer_files_text() -> str:
+    return ", ".join(" + ".join(group) for group in TOKENIZER_FILES)
+
+
+def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, what: str = "model") -> Path:
+    """Check that ``path`` is a model directory with a usable tokenizer, loading no weights.
+
+    Args:
+        path: a Hugging Face model directory (config.json plus safetensors or .bin weights).
+        tokenizer: a directory holding the tokenizer to use instead of the model's own.
+        what: how error messages name the directory ("model", "candidate", ...).
+
+    Returns:
+        The directory the tokenizer will be loaded from.
+
+    Example:
+        >>> check_model_dir("experts/math")  # doctest: +SKIP
+        PosixPath('experts/math')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MergelabError(f"{what} directory {path} does not exist; check the path")
+    if not path.is_dir():
+        raise MergelabError(f"{what} {path} is a file, not a model directory; give the directory that holds "
+                            f"config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise MergelabError(f"{what} directory {path} holds no model: config.json is missing")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise MergelabError(f"{what} directory {path} holds no model weights (expected one of "
+                            f"{', '.join(WEIGHT_FILES)})")
+    if tokenizer is None:
+        if not _has_tokenizer(path):
+            raise MergelabError(f"{what} directory {path} has no tokenizer (none of {_tokenizer_files_text()})\n"
+                                f"  hint: {TOKENIZER_HINT}")
+        return path
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_dir():
+        raise MergelabError(f"tokenizer directory {tokenizer} does not exist; check the --tokenizer path")
+    if not _has_tokenizer(tokenizer):
+        raise MergelabError(f"tokenizer directory {tokenizer} has no tokenizer (none of {_tokenizer_files_text()})")
+    return tokenizer
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    """A tokenizer that emits ids the model has no embedding for is the wrong tokenizer."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise MergelabError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+                            f"embeddings; the tokenizer does not belong to this model")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _bin_files(path: Path) -> str:
+    if (path / BIN_SINGLE).is_file():
+        return str(path / BIN_SINGLE)
+    return f"a .bin shard listed in {path / BIN_INDEX}"
+
+
+def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None, *, what: str = "model"):
+    """The tokenizer for model directory ``path`` (its own, or the one in ``tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    source = check_model_dir(path, tokenizer, what=what)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise MergelabError(f"cannot load the tokenizer in {source}: {_first_line(exc)}\n"
+                            f"  hint: {TOKENIZER_HINT}") from None
+
+
+def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, what: str = "model"):
+    """(model, tokenizer) for a model directory, the model in eval mode on ``device``.
+
+    Args:
+        path: a Hugging Face model directory.
+        kind: "causal" (``AutoModelForCausalLM``) or "encoder" (``AutoModel``, e.g. for retrieval).
+        tokenizer: a directory whose tokenizer to use instead of the model's own.
+        device: where to put the model.
+        dtype: the dtype to load the weights in (float32 by default).
+        what: how error messages name the directory ("model", "candidate", ...).
+
+    Raises:
+        MergelabError: a missing path, a directory without a model or tokenizer, a ``.bin``
+            checkpoint that is not plain tensors, a tokenizer larger than the model's vocabulary,
+            or any other load failure, each as one line naming the directory.
+
+    Example:
+        >>> model, tokenizer = load_model("experts/math")  # doctest: +SKIP
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if kind not in KINDS:
+        raise MergelabError(f"model kind '{kind}' is not known; use one of {', '.join(KINDS)}")
+    path = Path(path)
+    loaded_tokenizer = load_tokenizer(path, tokenizer, what=what)
+    loader = AutoModelForCausalLM if kind == "causal" else AutoModel
+    try:
+        model = loader.from_pretrained(path, dtype=dtype)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickled object
+        raise not_plain_checkpoint(_bin_files(path)) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise MergelabError(f"cannot load {what} {path} as a {'causal LM' if kind == 'causal' else 'encoder'}: "
+                            f"{_first_line(exc)}") from None
+    model = model.to(device).eval()
+    check_vocab(model, loaded_tokenizer, str(path))
+    return model, loaded_tokenizer

@@ -1,0 +1,132 @@
+"""mergelab.loading: one model loader, and one clear line for each way a model directory is unusable."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from mergelab.demo.tiny import build_tokenizer, tiny_llama
+from mergelab.errors import MergelabError
+from mergelab.loading import check_model_dir, load_model, load_tokenizer
+
+
+def one_line(error) -> str:
+    """The message's first line; any further line must be an indented hint."""
+    lines = str(error.value).splitlines()
+    assert all(line.startswith("  ") for line in lines[1:]), lines
+    return lines[0]
+
+
+@pytest.fixture
+def model_without_tokenizer(tiny_world, tmp_path):
+    directory = tmp_path / "no_tokenizer"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_world["base"] / name, directory / name)
+    return directory
+
+
+class Opaque:
+    """Stands for any non-tensor object a pickled checkpoint may carry."""
+
+
+def test_load_model_returns_the_saved_model_in_eval_mode(tiny_world):
+    model, tokenizer = load_model(tiny_world["base"])
+    reference = tiny_llama(seed=0)
+    assert not model.training
+    assert len(tokenizer) == len(build_tokenizer())
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_encoder_kind_loads_the_bare_model(tiny_world):
+    model, _ = load_model(tiny_world["base"], "encoder")
+    assert not hasattr(model, "lm_head")
+
+
+def test_unknown_kind_is_refused(tiny_world):
+    with pytest.raises(MergelabError, match="kind 'seq2seq' is not known"):
+        load_model(tiny_world["base"], "seq2seq")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(MergelabError, match="does not exist") as error:
+        check_model_dir(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in one_line(error)
+
+
+def test_a_file_is_not_a_model_directory(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(MergelabError, match="is a file, not a model directory"):
+        load_model(tmp_path / "weights.txt")
+
+
+def test_directory_without_config_or_weights(tmp_path, tiny_world):
+    with pytest.raises(MergelabError, match="holds no model: config.json is missing"):
+        check_model_dir(tmp_path)
+    shutil.copy(tiny_world["base"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(MergelabError, match="holds no model weights"):
+        check_model_dir(tmp_path)
+
+
+def test_missing_tokenizer_names_the_directory_and_the_option(model_without_tokenizer):
+    with pytest.raises(MergelabError) as error:
+        check_model_dir(model_without_tokenizer)
+    first = one_line(error)
+    assert f"{model_without_tokenizer} has no tokenizer" in first and "tokenizer.json" in first
+    assert "--tokenizer PATH" in str(error.value)
+
+
+def test_another_directory_s_tokenizer_can_stand_in(model_without_tokenizer, tiny_world):
+    assert check_model_dir(model_without_tokenizer, tokenizer=tiny_world["a"]) == tiny_world["a"]
+    model, tokenizer = load_model(model_without_tokenizer, tokenizer=tiny_world["a"])
+    assert len(tokenizer) == len(build_tokenizer())
+
+
+def test_tokenizer_option_that_is_not_a_tokenizer(model_without_tokenizer, tmp_path):
+    with pytest.raises(MergelabError, match="tokenizer directory .* does not exist"):
+        check_model_dir(model_without_tokenizer, tokenizer=tmp_path / "nope")
+    with pytest.raises(MergelabError, match="has no tokenizer"):
+        check_model_dir(model_without_tokenizer, tokenizer=model_without_tokenizer)
+
+
+def test_unbuildable_tokenizer_is_one_line_with_the_hint(model_without_tokenizer):
+    # A config without any vocabulary: transformers' own message is five lines long.
+    (model_without_tokenizer / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(MergelabError) as error:
+        load_tokenizer(model_without_tokenizer)
+    assert one_line(error).startswith(f"cannot load the tokenizer in {model_without_tokenizer}")
+    assert "--tokenizer PATH" in str(error.value)
+
+
+def test_pickled_bin_checkpoint_is_refused_without_unsafe_advice(tiny_world, tmp_path):
+    model = tiny_llama(seed=0)
+    model.config.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    torch.save({**model.state_dict(), "extra": Opaque()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(MergelabError) as error:
+        load_model(tmp_path)
+    first = one_line(error)
+    assert first.startswith(f"{tmp_path / 'pytorch_model.bin'} is not a plain tensor checkpoint")
+    assert "convert it to safetensors" in first
+    assert "weights_only" not in str(error.value)
+
+
+def test_plain_bin_checkpoint_loads(tiny_world, tmp_path):
+    model = tiny_llama(seed=0)
+    model.config.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    torch.save(dict(model.state_dict()), tmp_path / "pytorch_model.bin")
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded.state_dict()["model.norm.weight"], model.state_dict()["model.norm.weight"])
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    model = tiny_llama(seed=0)
+    model.resize_token_embeddings(len(build_tokenizer()) - 2)
+    model.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(MergelabError, match="the tokenizer does not belong to this model"):
+        load_model(tmp_path)
