@@ -165,3 +165,41 @@ def test_shared_context_cache_path_equals_full_sequences(architecture):
     for fast_item, slow_item in zip(fast, slow):
         assert [c for _, c in fast_item] == [c for _, c in slow_item]
         assert [t for t, _ in fast_item] == pytest.approx([t for t, _ in slow_item], abs=1e-4)
+
+
+class NoCacheLM(torch.nn.Module):
+    """A causal LM whose forward takes only ids and a mask: no key/value cache, no position ids."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_scoring_path_follows_the_model_s_capability():
+    from mergelab.evaluate.decoder import shares_context
+
+    model = tiny_llama(seed=8).eval()
+    assert shares_context(model)
+    assert not shares_context(NoCacheLM(model))
+
+
+def test_both_scoring_paths_give_the_same_option_scores():
+    model, tokenizer = tiny_llama(seed=8).eval(), build_tokenizer()
+    shared = rank_choices(model, tokenizer, ITEMS, batch_size=4, share_context=True)
+    full = rank_choices(model, tokenizer, ITEMS, batch_size=4, share_context=False)
+    without_cache = rank_choices(NoCacheLM(model), tokenizer, ITEMS, batch_size=4)  # chosen by capability
+    for shared_item, full_item, plain_item in zip(shared, full, without_cache):
+        assert shared_item == pytest.approx(full_item, abs=1e-4)
+        assert plain_item == full_item
+
+
+def test_pad_helper_pads_on_the_requested_side():
+    from mergelab.evaluate.decoder import pad
+
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

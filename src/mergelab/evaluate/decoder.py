@@ -39,6 +39,25 @@ def split_encode(tokenizer, context: str, continuation: str, separator: str = " 
     return context_ids, tokenizer(separator + continuation, add_special_tokens=False)["input_ids"]
 
 
+def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), both (len(rows), longest row), padded on ``side`` with ``pad_id``."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for r, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[r, span] = torch.tensor(ids, dtype=torch.long)
+        attention[r, span] = 1
+    return input_ids, attention
+
+
+def shares_context(model) -> bool:
+    """Whether ``model``'s forward takes a key/value cache and position ids, so that the options
+    of a multiple-choice item can share one run of their context (``shared_context_logprobs``)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "position_ids" in parameters and ("cache" in parameters or "past_key_values" in parameters)
+
+
 def _device(model, device) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
 
@@ -74,13 +93,9 @@ def _score_pairs(model, pairs: list[Pair], pad_id: int, max_length: int, device)
         ids = (context + continuation)[-max_length:]
         rows.append(ids)
         starts.append(max(len(ids) - len(continuation), 1))  # first continuation position
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)  # over the shifted targets
+    input_ids, attention = pad(rows, pad_id, "right")
+    scored = torch.zeros((len(rows), input_ids.shape[1] - 1), dtype=torch.bool)  # over the shifted targets
     for r, (ids, start) in enumerate(zip(rows, starts)):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
         scored[r, start - 1 : len(ids) - 1] = True
     input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, L, V)
@@ -93,12 +108,14 @@ def _score_pairs(model, pairs: list[Pair], pad_id: int, max_length: int, device)
 
 
 def rank_choices(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 16, max_length: int = 2048,
-                 length_normalize: bool = False, separator: str = " ", device=None) -> list[list[float]]:
+                 length_normalize: bool = False, separator: str = " ", device=None,
+                 share_context: bool | None = None) -> list[list[float]]:
     """Per example, the score of each option: Σ log p(option | input), or its per-token mean.
 
     The input is run once per example and its key/value cache shared by the options
     (about k× less work for k options than scoring k full sequences); models whose forward
-    does not take a cache and position ids are scored one full sequence per option.
+    does not take a cache and position ids are scored one full sequence per option. Both
+    give the same scores; ``share_context`` forces one or the other (None: ``shares_context``).
     """
     pad_id = ensure_pad_token(tokenizer)
     groups = []
@@ -107,12 +124,10 @@ def rank_choices(model, tokenizer, examples: Sequence[dict], *, batch_size: int 
         if any(not continuation for _, continuation in pairs):
             raise MergelabError(f"example {number}: an option encodes to no tokens; options must be non-empty text")
         groups.append(pairs)
-    try:
-        scored = shared_context_logprobs(model, groups, pad_id=pad_id, batch_size=batch_size,
-                                         max_length=max_length, device=device)
-    except (TypeError, AttributeError, NotImplementedError):
-        scored = continuation_logprobs(model, groups, pad_id=pad_id, batch_size=batch_size,
-                                       max_length=max_length, device=device)
+    if share_context is None:
+        share_context = shares_context(model)
+    score = shared_context_logprobs if share_context else continuation_logprobs
+    scored = score(model, groups, pad_id=pad_id, batch_size=batch_size, max_length=max_length, device=device)
     return [[total / count if length_normalize else total for total, count in item] for item in scored]
 
 
@@ -140,12 +155,7 @@ def shared_context_logprobs(model, groups: Sequence[Sequence[Pair]], *, pad_id: 
 def _score_shared(model, groups, pad_id: int, max_length: int, device) -> list[list[tuple[float, int]]]:
     longest_option = max(len(c) for group in groups for _, c in group)
     contexts = [group[0][0][-max(max_length - longest_option, 1):] for group in groups]
-    width = max(len(c) for c in contexts)
-    context_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    context_mask = torch.zeros_like(context_ids)
-    for r, ids in enumerate(contexts):
-        context_ids[r, width - len(ids):] = torch.tensor(ids)
-        context_mask[r, width - len(ids):] = 1
+    context_ids, context_mask = pad(contexts, pad_id, "left")
     context_ids, context_mask = context_ids.to(device), context_mask.to(device)
     positions = (context_mask.cumsum(-1) - 1).clamp_min(0)
     first = model(input_ids=context_ids, attention_mask=context_mask, position_ids=positions, use_cache=True,
@@ -154,12 +164,8 @@ def _score_shared(model, groups, pad_id: int, max_length: int, device) -> list[l
 
     owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)  # (R,)
     options = [c for group in groups for _, c in group]
-    option_width = max(len(c) for c in options)
-    option_ids = torch.full((len(options), option_width), pad_id, dtype=torch.long)
-    option_mask = torch.zeros_like(option_ids)
-    for r, ids in enumerate(options):
-        option_ids[r, : len(ids)] = torch.tensor(ids)
-        option_mask[r, : len(ids)] = 1
+    option_ids, option_mask = pad(options, pad_id, "right")
+    option_width = option_ids.shape[1]
     option_ids, option_mask = option_ids.to(device), option_mask.to(device)
     cache = getattr(first, "cache", None) or first.past_key_values
     cache.batch_select_indices(owner)  # (R, ...) per layer: each option gets its context's cache
@@ -221,12 +227,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in index)
-        input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for r, i in enumerate(index):
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention[r, width - len(encoded[i]):] = 1
+        input_ids, attention = pad([encoded[i] for i in index], pad_id, "left")
+        width = input_ids.shape[1]
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id)
