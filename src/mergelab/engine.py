@@ -31,7 +31,7 @@ from mergelab.io import (
     parse_size,
     resolve_model,
 )
-from mergelab.methods import IGNORED_PARAMS, MergeMethod, get_method
+from mergelab.methods import MergeMethod, get_method
 
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
                    "spiece", "sentencepiece")
@@ -81,7 +81,7 @@ class MergePlan:
     method: MergeMethod
     base: Source | None
     experts: list[Source]
-    fishers: list[CheckpointReader] | None
+    tensor_files: dict[str, list[CheckpointReader]]  # per tensor-file parameter (e.g. fisher): one per expert
     jobs: list[TensorJob]
     out_dir: Path
     support_dir: Path
@@ -95,7 +95,7 @@ class MergePlan:
         return self.base or self.experts[0]
 
     def close(self) -> None:
-        for reader in self.readers + (self.fishers or []):
+        for reader in self.readers + [r for readers in self.tensor_files.values() for r in readers]:
             reader.close()
 
 
@@ -134,7 +134,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
 
     skipped = check_tensors(sources)
-    fishers = _open_fishers(experts, cfg) if method.uses_fisher else None
+    tensor_files = _open_tensor_files(method, experts, cfg)
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
     num_layers = _num_layers(reference.reader)
@@ -154,7 +154,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
         if cfg.tokenizer_source == "union":
             raise MergelabError("tokenizer_source 'union' (merging vocabularies) is not supported; name one model")
         tokenizer_dir = base.reader.path if cfg.tokenizer_source == "base" and base else _locate(cfg.tokenizer_source, cfg)
-    return MergePlan(cfg, method, base, experts, fishers, jobs, Path(out_dir), reference.reader.path,
+    return MergePlan(cfg, method, base, experts, tensor_files, jobs, Path(out_dir), reference.reader.path,
                      tokenizer_dir, compute_dtype, options, list(readers.values()))
 
 
@@ -166,14 +166,13 @@ def _check_options(options: MergeOptions) -> None:
 
 
 def _assign_roles(cfg: MergeConfig, method: MergeMethod):
+    """(the base model's ref or None, the expert entries), from the method's registry flags."""
     refs = [entry.model for entry in cfg.models]
     base = cfg.base_model
+    first_is_base = False
     if method.uses_base:
-        if base is None and method.name == "slerp":
-            if len(cfg.models) != 2:
-                raise MergelabError(f"slerp merges exactly two models (base_model and one other); "
-                                 f"got {len(cfg.models)} under models")
-            base, refs = refs[0], refs  # slerp: the first endpoint is the base
+        if base is None and method.first_model_is_base:
+            base, first_is_base = refs[0], True
         if base is None:
             raise MergelabError(
                 f"{method.name} needs base_model (the model the others were fine-tuned from); add base_model: ..."
@@ -186,15 +185,29 @@ def _assign_roles(cfg: MergeConfig, method: MergeMethod):
                 f"if it should take part, or remove base_model"
             )
         base, experts = None, list(cfg.models)
-    count = len(experts)
-    if method.name == "slerp" and count != 1:
-        raise MergelabError(f"slerp merges exactly two models (base_model and one other); got {count + 1}")
-    if count < method.min_models:
-        what = "models besides base_model" if method.uses_base else "models"
-        raise MergelabError(f"{method.name} needs at least {method.min_models} {what}; got {count}")
-    if method.max_models is not None and count > method.max_models:
-        raise MergelabError(f"{method.name} takes at most {method.max_models} models; got {count}")
+    _check_model_count(method, len(experts), first_is_base)
     return base, experts
+
+
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _check_model_count(method: MergeMethod, count: int, first_is_base: bool) -> None:
+    """``count`` experts (the base not counted) against the method's min_models/max_models."""
+    low, high = method.min_models, method.max_models
+    if low == high and count != low:
+        if method.uses_base:
+            others = _NUMBERS[low] if low < len(_NUMBERS) else str(low)
+            total = _NUMBERS[low + 1] if low + 1 < len(_NUMBERS) else str(low + 1)
+            hint = " (without base_model, the first listed model is the base)" if first_is_base else ""
+            raise MergelabError(f"{method.name} merges exactly {total} models (base_model and {others} "
+                                f"other{'s' if low > 1 else ''}); got {count + 1}{hint}")
+        raise MergelabError(f"{method.name} merges exactly {low} models; got {count}")
+    if count < low:
+        what = "models besides base_model" if method.uses_base else "models"
+        raise MergelabError(f"{method.name} needs at least {low} {what}; got {count}")
+    if high is not None and count > high:
+        raise MergelabError(f"{method.name} takes at most {high} models; got {count}")
 
 
 def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
@@ -297,28 +310,29 @@ def _shape_message(name, reference, source, shape_a, shape_b) -> str:
     )
 
 
-def _open_fishers(experts: list[Source], cfg: MergeConfig) -> list[CheckpointReader]:
-    fishers = []
-    for source in experts:
-        path = source.parameters.get("fisher", cfg.parameters.get("fisher"))
-        if not isinstance(path, str):
-            raise MergelabError(
-                f"model '{source.ref}' needs parameters.fisher: the path of its Fisher file "
-                f"(make one with `mergelab fisher`)"
-            )
-        reader = CheckpointReader(_locate(path, cfg), label=f"fisher of {source.ref}")
-        for name, info in source.reader.tensors.items():
-            if not info.dtype.is_floating_point:
-                continue
-            found = reader.tensors.get(name)
-            if found is None:
-                raise MergelabError(f"Fisher file {reader.path} has no tensor '{name}' for model '{source.ref}'; "
-                                 f"re-estimate it for this model")
-            if found.shape != info.shape:
-                raise MergelabError(f"Fisher file {reader.path}: tensor '{name}' has shape {found.shape}, model "
-                                 f"'{source.ref}' has {info.shape}")
-        fishers.append(reader)
-    return fishers
+def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeConfig) -> dict[str, list[CheckpointReader]]:
+    """Open, for each tensor-file parameter of the method (a Fisher, say), every expert's file,
+    and check it holds each floating-point tensor of that expert with the same shape."""
+    files: dict[str, list[CheckpointReader]] = {}
+    for param in method.tensor_files:
+        readers = files[param.name] = []
+        for source in experts:
+            path = source.parameters.get(param.name, cfg.parameters.get(param.name))
+            if not isinstance(path, str):
+                raise MergelabError(f"model '{source.ref}' needs parameters.{param.name}: the {param.help}")
+            reader = CheckpointReader(_locate(path, cfg), label=f"{param.name} of {source.ref}")
+            for name, info in source.reader.tensors.items():
+                if not info.dtype.is_floating_point:
+                    continue
+                found = reader.tensors.get(name)
+                if found is None:
+                    raise MergelabError(f"{param.name} file {reader.path} has no tensor '{name}' for model "
+                                        f"'{source.ref}'; re-estimate it for this model")
+                if found.shape != info.shape:
+                    raise MergelabError(f"{param.name} file {reader.path}: tensor '{name}' has shape {found.shape}, "
+                                        f"model '{source.ref}' has {info.shape}")
+            readers.append(reader)
+    return files
 
 
 def _dtypes(cfg: MergeConfig) -> tuple[torch.dtype, torch.dtype | None]:
@@ -345,9 +359,7 @@ def _storage_order(reader: CheckpointReader, name: str):
 def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source], name: str,
                    position: float) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for param in method.params:
-        if param.name in IGNORED_PARAMS or param.name == "fisher":
-            continue
+    for param in method.tensor_params:
         if param.per_model:
             values = []
             for source in experts:
@@ -407,7 +419,8 @@ def execute(plan: MergePlan) -> Path:
 def _inputs(plan: MergePlan) -> list[tuple[CheckpointReader, str]]:
     """Every (reader, label) a merged tensor is computed from."""
     sources = ([plan.base] if plan.base else []) + plan.experts
-    return [(s.reader, f"model '{s.ref}'") for s in sources] + [(r, r.label) for r in plan.fishers or []]
+    files = [reader for readers in plan.tensor_files.values() for reader in readers]
+    return [(s.reader, f"model '{s.ref}'") for s in sources] + [(r, r.label) for r in files]
 
 
 def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
@@ -423,8 +436,8 @@ def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torc
     extra: dict[str, Any] = {}
     if plan.method.uses_seed:
         extra.update(seed=plan.options.seed, key=job.name)
-    if plan.fishers is not None:
-        extra["fisher"] = [load(reader) for reader in plan.fishers]
+    for param_name, readers in plan.tensor_files.items():  # one tensor per expert, e.g. fisher=
+        extra[param_name] = [load(reader) for reader in readers]
     merged = plan.method(tensors, base, **job.params, **extra)
     out = merged.to(dtype=job.out_dtype)
     # NaN and Inf in any input propagate into the result (even through a zero weight or mask:

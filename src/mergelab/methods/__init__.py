@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from mergelab.errors import MergelabError
 from mergelab.methods.base import MergeMethod, Param
-from mergelab.methods.linear import check_fisher, check_linear, check_lm_cocktail, fisher, linear, lm_cocktail
+from mergelab.methods.linear import check_fisher, check_lm_cocktail, fisher, linear, lm_cocktail, normalize_check
 from mergelab.methods.model_stock import model_stock
 from mergelab.methods.slerp import slerp
-from mergelab.methods.task_arithmetic import generalized_task_arithmetic
+from mergelab.methods.sparsify import Sparsify
+from mergelab.methods.task_arithmetic import Consensus, generalized_task_arithmetic
 
 WEIGHT = Param("weight", 1.0, per_model=True, help="model's weight w_i")
 LAMBDA = Param("lambda", 1.0, help="scale λ of the combined task vector")
-INT8_MASK = Param("int8_mask", False, kind=bool, help="accepted for mergekit configs; masks are always int8")
+INT8_MASK = Param("int8_mask", False, kind=bool, ignored=True,
+                  help="accepted for mergekit configs; masks are always int8")
 
 
 def _density(default: float) -> Param:
@@ -29,16 +31,16 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default, kind=bool, help="divide by the sum of the weights that took part")
 
 
-def _task_method(name: str, paper: str, summary: str, *, sparsify: str | None, consensus: str | None,
+def _task_method(name: str, paper: str, summary: str, *, sparsify: Sparsify | None, consensus: Consensus | None,
                  density: float | None, normalize: bool) -> MergeMethod:
     params = [WEIGHT, LAMBDA, _normalize(normalize), INT8_MASK]
-    if density is not None:
+    if sparsify is not None:
         params.append(_density(density))
-    if sparsify == "random":
+    if sparsify is Sparsify.RANDOM:
         params.append(Param("rescale", True, kind=bool, help="rescale DARE survivors by 1/density"))
     return MergeMethod(
         name, generalized_task_arithmetic, tuple(params), paper, uses_base=True,
-        uses_seed=sparsify == "random", summary=summary,
+        uses_seed=sparsify is Sparsify.RANDOM, summary=summary, check=normalize_check(name),
         extra={"sparsify": sparsify, "consensus": consensus},
     )
 
@@ -47,7 +49,7 @@ METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(
         "linear", linear, (WEIGHT, _normalize(True)),
         "Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-        summary="weighted average Σ w_i θ_i", check=check_linear,
+        summary="weighted average Σ w_i θ_i", check=normalize_check("linear"),
     ),
     "task_arithmetic": _task_method(
         "task_arithmetic", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
@@ -55,22 +57,23 @@ METHODS: dict[str, MergeMethod] = {
     ),
     "ties": _task_method(
         "ties", "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
-        "trim top-k |τ|, elect sign, disjoint mean", sparsify="magnitude", consensus="sign",
+        "trim top-k |τ|, elect sign, disjoint mean", sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
         density=0.2, normalize=True,
     ),
     "dare_linear": _task_method(
         "dare_linear", "Yu et al. 2024, Language models are Super Mario / DARE (arXiv:2311.03099)",
-        "random drop + 1/density rescale, then task arithmetic", sparsify="random", consensus=None,
+        "random drop + 1/density rescale, then task arithmetic", sparsify=Sparsify.RANDOM, consensus=None,
         density=0.1, normalize=False,
     ),
     "dare_ties": _task_method(
         "dare_ties", "Yu et al. 2024, DARE (arXiv:2311.03099) + TIES sign election",
-        "random drop + 1/density rescale, then TIES elect and disjoint mean", sparsify="random",
-        consensus="sign", density=0.1, normalize=True,
+        "random drop + 1/density rescale, then TIES elect and disjoint mean", sparsify=Sparsify.RANDOM,
+        consensus=Consensus.SIGN, density=0.1, normalize=True,
     ),
     "slerp": MergeMethod(
         "slerp", slerp, (Param("t", 0.5, low=0.0, high=1.0, help="0 = base_model, 1 = the other model"),),
-        "Shoemake 1985; as popularised by mergekit", uses_base=True, min_models=1, max_models=1,
+        "Shoemake 1985; as popularised by mergekit", uses_base=True, first_model_is_base=True,
+        min_models=1, max_models=1,
         summary="spherical interpolation between two models",
     ),
     "model_stock": MergeMethod(
@@ -83,9 +86,10 @@ METHODS: dict[str, MergeMethod] = {
         "fisher", fisher,
         (Param("weight", 1.0, per_model=True, low=0.0, help="model's weight w_i"),
          Param("epsilon", 1e-8, low=0.0, low_open=True, help="added to every Fisher value"),
-         Param("fisher", None, per_model=True, kind=str, help="path of the model's Fisher file")),
+         Param("fisher", None, per_model=True, kind=str, tensor_file=True,
+               help="path of the model's Fisher file (make one with `mergelab fisher`)")),
         "Matena & Raffel 2022, Merging models with Fisher-weighted averaging (arXiv:2111.09832)",
-        uses_fisher=True, summary="Σ F_i θ_i / Σ F_i", check=check_fisher,
+        summary="Σ F_i θ_i / Σ F_i", check=check_fisher,
     ),
     "lm_cocktail": MergeMethod(
         "lm_cocktail", lm_cocktail,
@@ -96,7 +100,7 @@ METHODS: dict[str, MergeMethod] = {
     ),
 }
 
-IGNORED_PARAMS = {"int8_mask"}
+IGNORED_PARAMS = {p.name for method in METHODS.values() for p in method.params if p.ignored}
 
 
 def get_method(name: str) -> MergeMethod:
@@ -107,4 +111,4 @@ def get_method(name: str) -> MergeMethod:
         raise MergelabError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "MergeMethod", "Param", "get_method", "IGNORED_PARAMS"]
+__all__ = ["METHODS", "MergeMethod", "Param", "Sparsify", "Consensus", "get_method", "IGNORED_PARAMS"]

@@ -6,6 +6,10 @@ parameters arrive as lists (one entry per expert) and global ones as scalars. Me
 overwrite the tensors in ``tensors`` and drop them from the list once used (the engine hands
 over private copies, which keeps peak memory near N+1 tensors); they never touch ``base``
 and keep no reference after returning.
+
+The registry entry is the one source of a parameter's default: the pure functions take every
+parameter without a default, and calling a registered ``MergeMethod`` fills in the ones left
+out from its ``Param``s.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ class Param:
     high: float | None = None
     low_open: bool = False  # True: the range excludes ``low``
     help: str = ""
+    # Accepted in configs for mergekit compatibility but never passed to the function.
+    ignored: bool = False
+    # A per-model path to a tensor file with one tensor per model tensor (a Fisher, say): the
+    # engine opens it beside the model and passes, under this name, one tensor per model.
+    tensor_file: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         """Coerce and range-check a value; ``where`` names the tensor/model for the message."""
@@ -61,17 +70,21 @@ class Param:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: the function and the rules the engine checks before merging."""
+    """A registered method: the function and the rules the engine checks before merging.
+
+    The engine reads only these fields, never the method's name, so a new method is one entry.
+    """
 
     name: str
     fn: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
     paper: str
     uses_base: bool = False  # True: base_model is required and enters the formula
+    # True: without base_model, the first listed model is the base (slerp's first endpoint).
+    first_model_is_base: bool = False
     min_models: int = 1  # counted without the base model
-    max_models: int | None = None
+    max_models: int | None = None  # == min_models: exactly that many
     uses_seed: bool = False  # receives seed= and key= (the tensor name) for reproducible randomness
-    uses_fisher: bool = False  # receives fisher= (one tensor per model) read from models[].parameters.fisher
     summary: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments (e.g. sparsify=)
     # (params of one tensor, "for tensor 'x'") -> a problem to report before merging, or None
@@ -80,8 +93,24 @@ class MergeMethod:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    @property
+    def tensor_params(self) -> tuple[Param, ...]:
+        """The parameters whose values are numbers or flags, resolved per tensor."""
+        return tuple(p for p in self.params if not (p.ignored or p.tensor_file))
+
+    @property
+    def tensor_files(self) -> tuple[Param, ...]:
+        """The per-model parameters naming tensor files the engine opens as readers."""
+        return tuple(p for p in self.params if p.tensor_file)
+
+    def defaults(self, n_models: int) -> dict[str, Any]:
+        """The registry's default of every per-tensor parameter, for ``n_models`` models."""
+        return {p.name: [p.default] * n_models if p.per_model else p.default for p in self.tensor_params}
+
     def __call__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any) -> torch.Tensor:
-        return self.fn(tensors if isinstance(tensors, list) else list(tensors), base, **self.extra, **params)
+        """Run the formula; parameters left out take the registry's defaults."""
+        return self.fn(tensors if isinstance(tensors, list) else list(tensors), base, **self.extra,
+                       **{**self.defaults(len(tensors)), **params})
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from mergelab.errors import MergelabError
@@ -15,11 +17,20 @@ def _normalized(weights: list[float], what: str) -> list[float]:
     return [w / total for w in weights]
 
 
-def check_linear(params: dict, where: str) -> str | None:
-    if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
-        return (f"linear weights {params['weight']} sum to zero {where} and normalize is on; change the weights "
-                f"or set normalize: false")
-    return None
+def normalize_check(method: str) -> Callable[[dict, str], str | None]:
+    """The plan-time rule of every method with ``normalize``: weights that sum to zero cannot be
+    divided by their sum."""
+
+    def check(params: dict, where: str) -> str | None:
+        if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
+            return (f"{method} weights {params['weight']} sum to zero {where} and normalize is on; change the "
+                    f"weights or set normalize: false")
+        return None
+
+    return check
+
+
+check_linear = normalize_check("linear")
 
 
 def check_lm_cocktail(params: dict, where: str) -> str | None:
@@ -36,14 +47,14 @@ def check_fisher(params: dict, where: str) -> str | None:
 
 
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
-           normalize: bool = True) -> torch.Tensor:
+           normalize: bool) -> torch.Tensor:
     """θ = Σ w_i θ_i, with w divided by Σ w when ``normalize`` (Wortsman et al., Model Soups)."""
     weights = _normalized(weight, "linear") if normalize else weight
     return weighted_sum(tensors, weights)
 
 
 def lm_cocktail(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
-                alpha: float = 0.5) -> torch.Tensor:
+                alpha: float) -> torch.Tensor:
     """LM-Cocktail Eq. 1: M_r = α·M_t + (1−α)·Σ w_i M_i.
 
     ``tensors[0]`` is the fine-tuned model M_t; the others are the candidates M_i, whose
@@ -56,7 +67,7 @@ def lm_cocktail(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weigh
 
 
 def fisher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
-           fisher: list[torch.Tensor], epsilon: float = 1e-8) -> torch.Tensor:
+           fisher: list[torch.Tensor], epsilon: float) -> torch.Tensor:
     """Fisher merging (Matena & Raffel): θ = Σ w_i F_i ⊙ θ_i / Σ w_i F_i.
 
     ``epsilon`` is added to every F_i, so where all Fisher values vanish the result is the

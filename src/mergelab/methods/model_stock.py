@@ -8,7 +8,7 @@ import itertools
 import torch
 
 
-def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False) -> torch.Tensor:
+def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     """θ = t·avg(θ_i) + (1−t)·θ_b  =  θ_b + t·avg(τ_i),  t = N·cos / (1 + (N−1)·cos).
 
     cos is the mean pairwise cosine between task vectors τ_i = θ_i − θ_b over the whole

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 
 import torch
+
+
+class Sparsify(enum.Enum):
+    """How a task vector is thinned before it is combined."""
+
+    MAGNITUDE = "magnitude"  # TIES trim: keep the top-k entries by |τ|
+    RANDOM = "random"  # DARE: keep each entry with probability density
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:

@@ -1,11 +1,11 @@
 """Task Arithmetic, TIES and DARE as configurations of one function over task vectors.
 
 θ = θ_b + λ · combine(sparsify(τ_i) · w_i), τ_i = θ_i − θ_b, where
-- ``sparsify``: None (Task Arithmetic), "magnitude" (TIES trim: top-k by |τ|, k = density·numel),
-  or "random" (DARE: keep each entry with probability density, rescale survivors by 1/density
-  unless ``rescale`` is false);
-- ``consensus``: None (plain sum) or "sign" (TIES elect: γ = sgn Σ_i w_i τ̂_i, and only entries
-  whose sign agrees with γ are combined; zeros never vote);
+- ``sparsify``: None (Task Arithmetic), ``Sparsify.MAGNITUDE`` (TIES trim: top-k by |τ|,
+  k = density·numel), or ``Sparsify.RANDOM`` (DARE: keep each entry with probability density,
+  rescale survivors by 1/density unless ``rescale`` is false);
+- ``consensus``: None (plain sum) or ``Consensus.SIGN`` (TIES elect: γ = sgn Σ_i w_i τ̂_i, and
+  only entries whose sign agrees with γ are combined; zeros never vote);
 - ``normalize``: divide by the sum of the weights that took part (per entry under consensus),
   which turns the TIES disjoint sum into the paper's disjoint mean.
 
@@ -14,9 +14,18 @@ Weights scale τ̂_i *before* the sign election, as mergekit does (the TIES pape
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
-from mergelab.methods.sparsify import dare_mask, magnitude_mask
+from mergelab.errors import MergelabError
+from mergelab.methods.sparsify import Sparsify, dare_mask, magnitude_mask
+
+
+class Consensus(enum.Enum):
+    """How the (sparsified, weighted) task vectors are combined."""
+
+    SIGN = "sign"  # TIES: elect a sign per entry, combine only the entries that agree with it
 
 
 def generalized_task_arithmetic(
@@ -24,24 +33,38 @@ def generalized_task_arithmetic(
     base: torch.Tensor,
     *,
     weight: list[float],
+    normalize: bool,
+    sparsify: Sparsify | None,
+    consensus: Consensus | None,
     density: list[float] | None = None,
-    normalize: bool = False,
-    rescale: bool = True,
-    sparsify: str | None = None,
-    consensus: str | None = None,
-    seed: int = 0,
-    key: str = "",
+    rescale: bool | None = None,
+    seed: int | None = None,
+    key: str | None = None,
     **scale: float,
 ) -> torch.Tensor:
-    lam = scale.pop("lambda", 1.0)
+    """θ_b + λ · combine(w_i · sparsify(τ_i)); ``scale`` holds ``lambda`` (a Python keyword).
+
+    ``density`` is needed with ``sparsify``; ``rescale``, ``seed`` and ``key`` (the tensor name)
+    with ``Sparsify.RANDOM``. None means "not used by this configuration", never a default:
+    defaults live in the registry (``mergelab.methods.METHODS``).
+    """
+    sparsify = None if sparsify is None else Sparsify(sparsify)  # a typo fails here, not silently
+    consensus = None if consensus is None else Consensus(consensus)
+    if "lambda" not in scale:
+        raise TypeError("generalized_task_arithmetic() missing required keyword argument: 'lambda'")
+    lam = scale.pop("lambda")
     if scale:
         raise TypeError(f"unexpected parameters {sorted(scale)}")
-    densities = density or [1.0] * len(tensors)
-    for index, (w, d) in enumerate(zip(weight, densities)):
+    if sparsify is not None and density is None:
+        raise TypeError(f"sparsify={sparsify.value!r} needs density")
+    if sparsify is Sparsify.RANDOM and (rescale is None or seed is None or key is None):
+        raise TypeError("sparsify='random' needs rescale, seed and key")
+    for index, w in enumerate(weight):
         delta = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
-        if sparsify == "magnitude" and d < 1.0:
+        d = density[index] if sparsify is not None else 1.0
+        if sparsify is Sparsify.MAGNITUDE and d < 1.0:
             delta.mul_(magnitude_mask(delta, d))
-        elif sparsify == "random" and d < 1.0:
+        elif sparsify is Sparsify.RANDOM and d < 1.0:
             delta.mul_(dare_mask(delta.shape, d, seed, index, key).to(delta.device)).div_(d if rescale else 1.0)
         delta.mul_(w)
     merged = _sign_consensus(tensors, weight, normalize) if consensus else _plain_sum(tensors, weight, normalize)
@@ -53,8 +76,13 @@ def _plain_sum(deltas: list, weight: list[float], normalize: bool) -> torch.Tens
     for index in range(1, len(deltas)):
         merged.add_(deltas[index])
         deltas[index] = None  # release as we go: the caller hands its buffers over
+    if not normalize:
+        return merged
     total = sum(weight)
-    return merged.div_(total if normalize and abs(total) > 1e-12 else 1.0)
+    if abs(total) < 1e-12:  # the plan refuses this first (check_normalizable); never divide by 1 instead
+        raise MergelabError(f"weights {weight} sum to zero and cannot be normalized; change the weights "
+                            f"or set normalize: false")
+    return merged.div_(total)
 
 
 def _sign_consensus(deltas: list, weight: list[float], normalize: bool) -> torch.Tensor:
