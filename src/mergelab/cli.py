@@ -12,8 +12,11 @@ from pathlib import Path
 # pages in 4 KB at a time cost ~30% of a 748M-parameter merge (benchmarks/README.md).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import dataclasses
+
 import click
 
+from mergelab.config import MergeOptions
 from mergelab.errors import MergelabError
 
 
@@ -37,15 +40,27 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model loaded is noise here
 
 
+def options_from(cls):
+    """Click options generated from a dataclass: one per field, ``--field-name``, with the
+    field's default and its ``metadata["help"]``; a bool that defaults to False is a flag."""
+
+    def decorate(command):
+        for spec in reversed(dataclasses.fields(cls)):
+            name, help_text = "--" + spec.name.replace("_", "-"), spec.metadata.get("help")
+            if spec.default is False:
+                command = click.option(name, spec.name, is_flag=True, help=help_text)(command)
+            else:
+                command = click.option(name, spec.name, default=spec.default, show_default=True,
+                                       help=help_text)(command)
+        return command
+
+    return decorate
+
+
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the merge succeeds).")
-@click.option("--threads", default=1, show_default=True, help="Tensors merged concurrently.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option("--seed", default=0, show_default=True, help="Seed of DARE's random masks.")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@options_from(MergeOptions)
 def merge(config: Path, out_dir: Path, **options) -> None:
     """Merge the models a mergekit-style CONFIG.yml describes into OUT_DIR."""
     from mergelab import merge as run

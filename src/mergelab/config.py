@@ -10,10 +10,13 @@ Per-model parameters given at the top level apply to every model, as in mergekit
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -54,6 +57,52 @@ class MergeConfig(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, exclude={"source_dir"}),
                               sort_keys=False)
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (the config says *what* to merge).
+
+    Each field is one option of ``mergelab.merge(config, out_dir, **options)`` and of
+    ``mergelab merge`` (``--shard-size`` for ``shard_size``); its help text below is the CLI's,
+    so a new option is one line here.
+    """
+
+    force: bool = _option(False, "Replace OUT_DIR if it exists (only after the merge succeeded).")
+    threads: int = _option(1, "Tensors merged concurrently (each holds about N+1 float32 tensors).")
+    device: str = _option("cpu", "Where the arithmetic runs: cpu, cuda, cuda:N or mps.")
+    seed: int = _option(0, "Seed of DARE's random masks.")
+    shard_size: str | int = _option("5GB", "Largest output shard (5GB, 500MB, or a number of bytes).")
+    quiet: bool = _option(False, "No progress bar.")
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> MergeOptions:
+        """Build the options from keyword arguments, refusing unknown names and wrong types.
+
+        Example:
+            >>> MergeOptions.from_kwargs(threads=2).threads
+            2
+        """
+        types = typing.get_type_hints(cls)
+        names = [f.name for f in fields(cls)]
+        for name, value in options.items():
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise MergelabError(f"unknown merge option '{name}'; {hint}options are: {', '.join(names)}")
+            expected = types[name]
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+                raise MergelabError(f"merge option '{name}' must be {_type_name(expected)}, got {value!r}")
+        return cls(**options)
+
+
+def _type_name(expected: Any) -> str:
+    names = {bool: "true or false", int: "an integer", str: "a string"}
+    return " or ".join(names.get(t, t.__name__) for t in typing.get_args(expected) or (expected,))
 
 
 def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mergelab.config import MergeConfig, evaluate_setting, layer_index, layer_position, load_config
+from mergelab.config import (  # MergeOptions lives with the config so the CLI can read it without torch
+    MergeConfig,
+    MergeOptions,
+    evaluate_setting,
+    layer_index,
+    layer_position,
+    load_config,
+)
 from mergelab.devices import check_device
 from mergelab.errors import MergelabError
 from mergelab.io import (
@@ -35,27 +42,6 @@ from mergelab.methods import MergeMethod, get_method
 
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
                    "spiece", "sentencepiece")
-
-
-@dataclass
-class MergeOptions:
-    """How to run a merge (the config says *what* to merge).
-
-    Args:
-        force: replace an existing output directory (only once the merge has succeeded).
-        threads: tensors merged concurrently (each holds about N+1 float32 tensors).
-        device: "cpu", "cuda", "cuda:1", "mps": where the arithmetic runs.
-        seed: seed of DARE's random masks.
-        shard_size: maximum bytes per output shard ("5GB", "500MB", or an int).
-        quiet: no progress bar.
-    """
-
-    force: bool = False
-    threads: int = 1
-    device: str = "cpu"
-    seed: int = 0
-    shard_size: str | int = "5GB"
-    quiet: bool = False
 
 
 @dataclass
@@ -101,10 +87,7 @@ class MergePlan:
 
 def run_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, **options: Any) -> Path:
     """Validate and run a merge; see ``mergelab.merge``."""
-    unknown = set(options) - set(MergeOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown merge options {sorted(unknown)}")
-    plan = plan_merge(config, out_dir, MergeOptions(**options))
+    plan = plan_merge(config, out_dir, MergeOptions.from_kwargs(**options))
     try:
         return execute(plan)
     finally:
