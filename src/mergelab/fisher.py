@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mergelab.config import read_records
+from mergelab.continual.state import tensor_groups, unwrap
 from mergelab.errors import MergelabError
 
 
@@ -35,37 +36,57 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def fisher_diagonal(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Mean over examples of the squared gradient of each example's log-likelihood.
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The log-likelihood loss of one encoded text: every token after the first, unless the
+    batch carries its own ``labels``."""
+    labels = batch.get("labels", batch["input_ids"])
+    return model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels).loss
 
-    Each batch is one example (``input_ids``, optional ``attention_mask`` and ``labels``);
-    squaring per example is what makes this the empirical Fisher rather than the squared
-    mean gradient. Returns float32 tensors keyed by ``model.state_dict()`` names (tied
-    parameters appear under every name; non-trainable float buffers get zeros).
+
+def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
+                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] = causal_lm_loss
+                    ) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher: the mean over examples of the squared gradient of each
+    example's loss (one backward per example; squaring per example is what makes it the
+    Fisher and not the squared mean gradient).
+
+    The one estimator behind ``mergelab fisher`` (Fisher merging) and EWC.
+
+    Args:
+        model: the model (put in eval mode while estimating; its mode is restored).
+        batches: one example each; for a causal LM ``input_ids`` (optional
+            ``attention_mask`` and ``labels``).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: the causal-LM loss.
+
+    Returns:
+        float32 tensors keyed by ``model.state_dict()`` names: tied parameters appear under
+        every name (the same values), frozen parameters and float buffers get zeros.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    groups = tensor_groups(model)  # (names, live tensor), each storage once
+    trainable = [(names, t) for names, t in groups if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+    sums = [torch.zeros_like(t, dtype=torch.float32) for _, t in trainable]
     count = 0
+    was_training = model.training
     model.eval()
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        labels = batch.get("labels", batch["input_ids"])
-        model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels).loss.backward()
-        for name, param in params.items():
+        loss_fn(model, batch).backward()
+        for total, (_, param) in zip(sums, trainable):
             if param.grad is not None:
-                sums[name].add_(param.grad.detach().float().square())
+                total.add_(param.grad.detach().float().square())
         count += 1
     model.zero_grad(set_to_none=True)
+    model.train(was_training)
     if count == 0:
         raise MergelabError("no examples to estimate the Fisher from")
-    by_storage = {param.data_ptr(): sums[name].div_(count) for name, param in params.items()}
+    by_name = {names[0]: total.div_(count) for total, (names, _) in zip(sums, trainable)}
     fisher = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not tensor.dtype.is_floating_point:
-            continue
-        found = by_storage.get(tensor.data_ptr())
-        fisher[name] = found.clone() if found is not None else torch.zeros(tensor.shape, dtype=torch.float32)
-    return fisher
+    for names, tensor in groups:
+        found = by_name.get(names[0])
+        for name in names:
+            fisher[name] = found.clone() if found is not None else torch.zeros(tensor.shape, dtype=torch.float32)
+    order = list(unwrap(model).state_dict(keep_vars=True))
+    return {name: fisher[name] for name in order if name in fisher}
 
 
 def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Path, *, max_samples: int | None = None,

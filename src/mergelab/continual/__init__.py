@@ -16,7 +16,8 @@ Example:
 
 from mergelab.continual.baselines import EWCPenalty, L2Penalty, Rehearsal, empirical_fisher, union
 from mergelab.continual.posthoc import load_checkpoint, merge_task_models, save_checkpoint
-from mergelab.continual.sfa import SFA, averaging_interval, l2_distance, snapshot
+from mergelab.continual.sfa import SFA, averaging_interval
+from mergelab.continual.state import l2_distance, snapshot
 from mergelab.continual.stream import Harness, Method, Task, TrainSettings, fit, run_stream
 
 

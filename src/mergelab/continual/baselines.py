@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mergelab.continual.sfa import StateDict, load_state, match_state
+from mergelab.continual.state import StateDict, load_state, match_state, storage_key, tensor_groups
 from mergelab.errors import MergelabError
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -36,9 +36,12 @@ def check_strength(lam, name: str) -> float:
 def _trainable_pairs(model: torch.nn.Module, anchor: StateDict, what: str
                      ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, parameter, anchor copy on the parameter's device) for each trainable parameter."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
     return [(name, tensor, anchor_tensor.detach().to(tensor.device, tensor.dtype, copy=True))
-            for name, tensor, anchor_tensor in match_state(model, anchor, what=what) if id(tensor) in trainable]
+            for name, tensor, anchor_tensor in match_state(model, anchor, what=what) if _trainable(tensor)]
+
+
+def _trainable(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad
 
 
 class L2Penalty:
@@ -72,18 +75,16 @@ class EWCPenalty:
     def __init__(self, model: torch.nn.Module, anchor: StateDict | torch.nn.Module | str | Path,
                  fisher: StateDict, lam: float):
         self.lam = check_strength(lam, "EWC")
-        by_param = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if name in fisher:
-                by_param[id(param)] = (name, fisher[name])
+        names_of = {storage_key(tensor): names for names, tensor in tensor_groups(model)}
         self.terms = []
         for name, tensor, anchor_tensor in _trainable_pairs(model, load_state(anchor), "the EWC anchor"):
-            if id(tensor) not in by_param:
+            fisher_name = next((n for n in names_of[storage_key(tensor)] if n in fisher), None)
+            if fisher_name is None:
                 raise MergelabError(f"the Fisher lacks parameter '{name}'; estimate it on this model (empirical_fisher)")
-            fisher_name, weight = by_param[id(tensor)]
+            weight = fisher[fisher_name]
             if tuple(weight.shape) != tuple(tensor.shape):
                 raise MergelabError(f"the Fisher's tensor '{fisher_name}' has shape {tuple(weight.shape)}, the model's "
-                                 f"{tuple(tensor.shape)}; estimate it on this model")
+                                    f"{tuple(tensor.shape)}; estimate it on this model")
             self.terms.append((tensor, anchor_tensor, weight.detach().to(tensor.device, tensor.dtype)))
 
     def __call__(self) -> torch.Tensor:
@@ -94,9 +95,8 @@ class EWCPenalty:
 def empirical_fisher(model: torch.nn.Module, examples: Sequence[Any], loss_fn: LossFn,
                      collate: Callable[[list], Any], samples: int | None = 200, seed: int = 0
                      ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher: the mean over examples of the squared gradient of each
-    example's loss (one backward per example; squaring per example is what makes it the
-    Fisher and not the squared mean gradient).
+    """The diagonal empirical Fisher of the old task for EWC: ``mergelab.fisher.fisher_diagonal``
+    (the one estimator, also behind ``mergelab fisher``) on a seeded sample of its examples.
 
     Args:
         model: the model after the old task.
@@ -105,26 +105,16 @@ def empirical_fisher(model: torch.nn.Module, examples: Sequence[Any], loss_fn: L
         collate: turns a list of examples into a batch.
 
     Returns:
-        float32 tensors keyed by parameter name (one name per tied parameter).
+        float32 tensors keyed by state-dict name (see ``fisher_diagonal``).
     """
+    from mergelab.fisher import fisher_diagonal  # mergelab.fisher imports this package's state helpers
+
     if not examples:
         raise MergelabError("EWC needs examples of the old task to estimate the Fisher; the task has none")
     chosen = list(examples)
     if samples is not None and samples < len(chosen):
         chosen = random.Random(seed).sample(chosen, samples)
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # tied ones once
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
-    was_training = model.training
-    model.eval()
-    for example in chosen:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, collate([example])).backward()
-        for name, p in params:
-            if p.grad is not None:
-                sums[name].add_(p.grad.detach().float().square())
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return {name: total.div_(len(chosen)) for name, total in sums.items()}
+    return fisher_diagonal(model, (collate([example]) for example in chosen), loss_fn)
 
 
 class Rehearsal:

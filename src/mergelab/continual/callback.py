@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from mergelab.continual.sfa import SFA, StateDict, check_beta, check_p, load_state
+from mergelab.continual.sfa import SFA, check_beta, check_p
+from mergelab.continual.state import StateDict, load_state
 from mergelab.errors import MergelabError
 
 

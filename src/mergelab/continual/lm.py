@@ -2,7 +2,8 @@
 stream runner, write results.json, results.md and the task-plane plot.
 
 Tasks are ``{"input": ..., "output": ...}`` examples; the model learns the output given the
-input (loss on the output tokens and EOS only, ``mergelab.demo.tiny.encode``).
+input (loss on the output tokens and EOS only, ``mergelab.lm.encode``, cut between input and
+output exactly where the scorers cut).
 
 The default score is answer-token accuracy (teacher-forced: the share of output tokens the
 model predicts exactly). It lives in ``make_evaluator``, the one function to replace when a
@@ -22,10 +23,10 @@ import torch
 from mergelab.continual.report import markdown_table, save_plane_figure, write_json, write_outputs
 from mergelab.continual.spec import StreamSpec, TaskSpec, load_spec
 from mergelab.continual.stream import Harness, Task, run_stream
-from mergelab.demo.tiny import TASKS as DEMO_SKILLS, build_tokenizer, encode, make_examples, tiny_llama
 from mergelab.devices import check_device
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
+from mergelab.lm import SKILLS, answer_accuracy, build_tokenizer, causal_lm_loss, encode, make_examples, tiny_llama
 
 Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
 
@@ -46,9 +47,9 @@ def read_examples(path: str | Path) -> list[dict[str, str]]:
 
 def load_task(spec: StreamSpec, task: TaskSpec, index: int) -> Task:
     if task.demo is not None:
-        if task.demo not in DEMO_SKILLS:
+        if task.demo not in SKILLS:
             raise MergelabError(f"task '{task.name}': demo skill '{task.demo}' is unknown; choose one of: "
-                             f"{', '.join(DEMO_SKILLS)}")
+                                f"{', '.join(SKILLS)}")
         return Task(task.name, make_examples(task.demo, task.train_size, spec.seed + index),
                     make_examples(task.demo, task.eval_size, spec.seed + index + 1000))
     if task.train is not None:
@@ -82,21 +83,6 @@ def load_model(spec: StreamSpec):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
-@torch.no_grad()
-def answer_accuracy(model, tokenizer, examples: list[dict[str, str]], batch_size: int = 64) -> float:
-    """Teacher-forced accuracy on the output tokens (and EOS): the default score."""
-    device = next(model.parameters()).device
-    correct = total = 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in encode(tokenizer, examples[start:start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
-        counted = target != -100
-        correct += int(((predicted == target) & counted).sum())
-        total += int(counted.sum())
-    return correct / max(total, 1)
-
-
 def make_evaluator(tokenizer, tasks: list[Task], batch_size: int = 64) -> Callable[[torch.nn.Module, int], dict]:
     """The stream's evaluator: answer-token accuracy on every task's eval examples."""
     return lambda model, stage: {task.name: answer_accuracy(model, tokenizer, list(task.eval), batch_size)
@@ -122,7 +108,7 @@ def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[Task]) -> Evaluator:
 
 def lm_harness(tokenizer, tasks: list[Task], device: str, evaluate: Callable[[torch.nn.Module, int], dict]) -> Harness:
     return Harness(
-        loss=lambda model, batch: model(**batch).loss,
+        loss=causal_lm_loss,
         collate=lambda examples: {k: v.to(device) for k, v in encode(tokenizer, examples).items()},
         evaluate=evaluate,
     )

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save_file
 
-from mergelab.continual.sfa import load_state, restore, snapshot
+from mergelab.continual.state import load_state, restore, snapshot
 from mergelab.errors import MergelabError
 
 POSTHOC_METHODS = ("task_arithmetic", "ties")

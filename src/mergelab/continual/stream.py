@@ -35,9 +35,11 @@ import torch
 
 from mergelab.continual.baselines import EWCPenalty, L2Penalty, Rehearsal, check_strength, empirical_fisher, union
 from mergelab.continual.posthoc import POSTHOC_METHODS, load_checkpoint, merge_task_models, save_checkpoint
-from mergelab.continual.sfa import SFA, check_beta, check_p, l2_distance, restore, snapshot
+from mergelab.continual.sfa import SFA, check_beta, check_p
+from mergelab.continual.state import l2_distance, restore, snapshot
 from mergelab.errors import MergelabError
 from mergelab.evaluate.continual import continual_summary
+from mergelab.lm import fit
 
 METHOD_NAMES = ("sequential", "sfa", "l2", "ewc", "rehearsal", "multitask", *POSTHOC_METHODS)
 
@@ -137,23 +139,6 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     raise MergelabError(f"optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
-
-
-def fit(model: torch.nn.Module, draw_batch: Callable[[], Any], steps: int, loss_fn, optimizer,
-        penalty: Callable[[], torch.Tensor] | None = None,
-        after_step: Callable[[torch.nn.Module, int], Any] | None = None) -> None:
-    """The one training loop: loss (+ penalty), backward, step, then ``after_step(model, step)``."""
-    model.train()
-    for step in range(1, steps + 1):
-        loss = loss_fn(model, draw_batch())
-        if penalty is not None:
-            loss = loss + penalty()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(model, step)
-    model.eval()
 
 
 def batch_drawer(examples: Sequence[Any], settings: TrainSettings, collate, key: str,

@@ -1,0 +1,77 @@
+"""The library's LM pieces: training encodes examples exactly as scoring does (also for a
+byte-level BPE tokenizer), and the one training loop stops at a criterion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.evaluate.decoder import example_losses, split_encode
+from mergelab.lm import build_tokenizer, encode, fit, make_examples, tiny_llama
+
+EXAMPLES = [{"input": "copy 1 2 =", "output": "1 2"}, {"input": "sort 9 3 =", "output": "3 9"},
+            {"input": "reverse 4 =", "output": "4"}]
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    """A byte-level BPE tokenizer (GPT-2 style: a space belongs to the next token), built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [f"{e['input']} {e['output']}" for e in make_examples("copy", 200, seed=0)]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def labelled(batch: dict[str, torch.Tensor], row: int) -> list[int]:
+    labels = batch["labels"][row]
+    return labels[labels != -100].tolist()
+
+
+def test_word_level_training_tokens_are_the_output_alone_as_before():
+    tokenizer = build_tokenizer()
+    batch = encode(tokenizer, EXAMPLES)
+    for row, example in enumerate(EXAMPLES):
+        prompt = tokenizer(example["input"])["input_ids"]
+        answer = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert batch["input_ids"][row][: len(prompt) + len(answer)].tolist() == prompt + answer
+        assert labelled(batch, row) == answer
+
+
+def test_byte_level_bpe_trains_on_the_tokens_it_is_scored_on(byte_bpe):
+    batch = encode(byte_bpe, EXAMPLES)
+    for row, example in enumerate(EXAMPLES):
+        context, continuation = split_encode(byte_bpe, example["input"], example["output"])
+        assert labelled(batch, row) == continuation + [byte_bpe.eos_token_id]
+        assert batch["input_ids"][row][: len(context)].tolist() == context
+        # the output encoded on its own lacks the leading space: other ids, which training used to learn
+        assert byte_bpe(example["output"], add_special_tokens=False)["input_ids"] != continuation
+
+
+def test_training_loss_equals_the_scorers_few_shot_loss(byte_bpe):
+    model = tiny_llama(vocab_size=len(byte_bpe), seed=3).eval()
+    losses = example_losses(model, byte_bpe, EXAMPLES)
+    with torch.no_grad():
+        for example, (loss, count) in zip(EXAMPLES, losses):
+            assert float(model(**encode(byte_bpe, [example])).loss) == pytest.approx(loss, rel=1e-5)
+            assert count == len(labelled(encode(byte_bpe, [example]), 0))
+
+
+def test_fit_stops_when_the_criterion_holds_and_takes_every_step_without_one():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    asked = []
+
+    def until(m, step):
+        asked.append((step, m.training))
+        return step >= 6
+
+    taken = fit(model, lambda: None, 100, lambda m, batch: m.weight.sum(), optimizer, until=until, check_every=3)
+    assert taken == 6 and asked == [(3, False), (6, False)] and not model.training
+    assert fit(model, lambda: None, 7, lambda m, batch: m.weight.sum(), optimizer) == 7
