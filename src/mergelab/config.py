@@ -6,6 +6,10 @@ may be a scalar, a gradient (a list of numbers interpolated over the layers, fir
 last), or a list of ``{filter: substring, value: ...}`` entries where the first entry whose
 filter occurs in the tensor name wins and an entry without a filter is the fallback.
 Per-model parameters given at the top level apply to every model, as in mergekit.
+
+mergekit keys that mergelab does not implement yet (``slices``, ``modules``, ``tokenizer``,
+``chat_template``) and misspelt keys are refused with one line that names the key; any other
+problem is reported as one line naming the file and the field path (``models[1].parameters``).
 """
 
 from __future__ import annotations
@@ -129,26 +133,105 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         try:
             source = yaml.safe_load(source)
         except yaml.YAMLError as exc:
-            raise MergelabError(f"{where} is not valid YAML: {exc}") from None
+            raise MergelabError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
     if source is None:
         raise MergelabError(f"{where} is empty; it needs at least merge_method and models")
     if not isinstance(source, dict):
         raise MergelabError(f"{where} must be a YAML mapping with merge_method and models, not {type(source).__name__}")
-    if "slices" in source:
-        raise MergelabError(
-            f"{where} uses 'slices' (layer-wise assembly), which mergelab does not support; "
-            f"list whole models under 'models' instead"
-        )
+    for key, (feature, fix) in UNSUPPORTED_KEYS.items():
+        if key in source:
+            raise MergelabError(f"{where} uses '{key}' ({feature}), which mergelab does not support yet; {fix}")
     try:
         config = MergeConfig.model_validate({**source, "source_dir": source_dir})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}" for error in exc.errors()
-        )
-        raise MergelabError(f"{where} is not a valid merge config: {problems}") from None
+        raise MergelabError(f"{where}: {_validation_problem(exc, source)}") from None
     if not config.models:
         raise MergelabError(f"{where} lists no models; add at least one under 'models'")
     return config
+
+
+# mergekit keys that mergelab does not implement yet: (the feature, what to do instead)
+UNSUPPORTED_KEYS = {
+    "slices": ("layer-wise assembly", "list whole models under 'models' instead"),
+    "modules": ("per-module merge configs", "merge whole models under 'models' instead"),
+    "tokenizer": ("mergekit's tokenizer merging", "remove it (tokenizer_source: MODEL copies one model's tokenizer)"),
+    "chat_template": ("choosing the merged model's chat template", "remove it and set the template after merging"),
+}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+_UNION_BRANCHES = {"bool", "int", "float", "str", "Filtered"}
+
+
+def _walk(loc: tuple, data: Any) -> tuple[list, Any, bool]:
+    """Follow a pydantic error location through the input: (the path of real keys and indices,
+    the value found there or None, whether a union branch tag such as 'list[float]' was crossed)."""
+    path: list = []
+    crossed = False
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            path.append(part)
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            path.append(part)
+            data = data[part]
+        elif isinstance(part, str) and (part in _UNION_BRANCHES or "[" in part):
+            crossed = True  # a branch of a Union that pydantic tried, not a key
+        else:
+            path.append(part)  # a missing key
+            data = None
+    return path, data, crossed
+
+
+def _dotted(path: list) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _shown(value: Any) -> str:
+    """A value as the YAML/JSON user wrote it (null, true, "a"), not as Python prints it."""
+    return json.dumps(value, default=str)
+
+
+def _allowed_keys(parent: list) -> list[str]:
+    if not parent:
+        return [name for name in MergeConfig.model_fields if name != "source_dir"]
+    if len(parent) == 2 and parent[0] == "models":
+        return list(InputModel.model_fields)
+    return list(Filtered.model_fields)
+
+
+def _validation_problem(exc: ValidationError, data: dict) -> str:
+    """The most specific problem of a validation error, as '<field path>: <what is wrong>'."""
+    errors = [(*_walk(tuple(error["loc"]), data), error) for error in exc.errors()]
+    # the deepest location is the most specific; there, a misspelt key explains a missing one
+    path, value, _, error = max(errors, key=lambda e: (len(e[0]), e[3]["type"] == "extra_forbidden"))
+    same_path = [e for e in errors if e[0] == path]
+    if error["type"] == "extra_forbidden":
+        key, parent = path[-1], path[:-1]
+        allowed = _allowed_keys(parent)
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
+        problem = f"unknown key '{key}' in {_dotted(parent)}; {hint}" if parent else f"unknown top-level key '{key}'; {hint}"
+    elif error["type"] == "missing":
+        problem = f"{_dotted(path)} is required"
+    elif error["type"] in ("model_type", "dict_type"):
+        problem = f"{_dotted(path)} must be a mapping (key: value), got {_shown(value)}"
+    elif len(same_path) > 1 and any(crossed for _, _, crossed, _ in same_path):
+        problem = (f"{_dotted(path)} is {_shown(value)}; a parameter value is a number, true/false, a string, a list of "
+                   f"numbers (a gradient over the layers) or a list of {{filter, value}} entries")
+    else:
+        problem = f"{_dotted(path)}: {error['msg'][0].lower()}{error['msg'][1:]}, got {_shown(value)}"
+    others = {tuple(p) for p, _, crossed, _ in errors if not crossed and p[:len(path)] != path[:len(p)]}
+    return problem + (f" (and {len(others)} more problem{'s' if len(others) > 1 else ''})" if others else "")
 
 
 def read_records(path: str | Path, what: str = "data file") -> list | dict:

@@ -3,6 +3,7 @@ streamed tensor by tensor, to judge a merge before running it."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -37,39 +38,42 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
     if not 0 < density <= 1:
         raise MergelabError(f"--density must be in (0, 1], got {density}")
     labels = [str(m) for m in models]
-    sources = [Source(str(ref), CheckpointReader(resolve_model(ref), label=str(ref)), {}) for ref in [base, *models]]
-    skipped = check_tensors(sources)
-    base_source, experts = sources[0], sources[1:]
-    pairs = list(itertools.combinations(range(len(experts)), 2))
-    dots = torch.zeros(len(pairs), dtype=torch.float64)
-    squares = torch.zeros(len(experts), dtype=torch.float64)
-    conflicts = active = 0
-    rows = []
-    for name, info in base_source.reader.tensors.items():
-        if not info.dtype.is_floating_point or name in skipped:
-            continue
-        theta_b = base_source.reader.get(name).float()
-        deltas = [s.reader.get(name).float().sub_(theta_b).reshape(-1) for s in experts]  # (numel,) each
-        pair_dots = [float(deltas[i].double() @ deltas[j].double()) for i, j in pairs]
-        sq = [float(d.double() @ d.double()) for d in deltas]
-        dots += torch.tensor(pair_dots, dtype=torch.float64)
-        squares += torch.tensor(sq, dtype=torch.float64)
-        positive = torch.zeros(theta_b.numel(), dtype=torch.bool)
-        negative = torch.zeros_like(positive)
-        for delta in deltas:
-            trimmed = delta * magnitude_mask(delta, density)
-            positive |= trimmed > 0
-            negative |= trimmed < 0
-        tensor_conflicts, tensor_active = int((positive & negative).sum()), int((positive | negative).sum())
-        conflicts, active = conflicts + tensor_conflicts, active + tensor_active
-        rows.append({
-            "name": name,
-            "cosine": _cosines(labels, pairs, pair_dots, sq),
-            "sign_conflict_rate": tensor_conflicts / tensor_active if tensor_active else 0.0,
-            "norm": {label: s ** 0.5 for label, s in zip(labels, sq)},
-        })
-    for source in sources:
-        source.reader.close()
+    with contextlib.ExitStack() as stack:  # every reader is closed, also when a check fails
+        sources = []
+        for ref in [base, *models]:
+            reader = CheckpointReader(resolve_model(ref), label=str(ref))
+            stack.callback(reader.close)
+            sources.append(Source(str(ref), reader, {}))
+        skipped = check_tensors(sources)
+        base_source, experts = sources[0], sources[1:]
+        pairs = list(itertools.combinations(range(len(experts)), 2))
+        dots = torch.zeros(len(pairs), dtype=torch.float64)
+        squares = torch.zeros(len(experts), dtype=torch.float64)
+        conflicts = active = 0
+        rows = []
+        for name, info in base_source.reader.tensors.items():
+            if not info.dtype.is_floating_point or name in skipped:
+                continue
+            theta_b = base_source.reader.get(name).float()
+            deltas = [s.reader.get(name).float().sub_(theta_b).reshape(-1) for s in experts]  # (numel,) each
+            pair_dots = [float(deltas[i].double() @ deltas[j].double()) for i, j in pairs]
+            sq = [float(d.double() @ d.double()) for d in deltas]
+            dots += torch.tensor(pair_dots, dtype=torch.float64)
+            squares += torch.tensor(sq, dtype=torch.float64)
+            positive = torch.zeros(theta_b.numel(), dtype=torch.bool)
+            negative = torch.zeros_like(positive)
+            for delta in deltas:
+                trimmed = delta * magnitude_mask(delta, density)
+                positive |= trimmed > 0
+                negative |= trimmed < 0
+            tensor_conflicts, tensor_active = int((positive & negative).sum()), int((positive | negative).sum())
+            conflicts, active = conflicts + tensor_conflicts, active + tensor_active
+            rows.append({
+                "name": name,
+                "cosine": _cosines(labels, pairs, pair_dots, sq),
+                "sign_conflict_rate": tensor_conflicts / tensor_active if tensor_active else 0.0,
+                "norm": {label: s ** 0.5 for label, s in zip(labels, sq)},
+            })
     overall = {
         "cosine": _cosines(labels, pairs, dots.tolist(), squares.tolist()),
         "sign_conflict_rate": conflicts / active if active else 0.0,
