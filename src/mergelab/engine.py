@@ -38,6 +38,7 @@ from mergelab.io import (
     parse_size,
     resolve_model,
 )
+from mergelab.outdir import check_free_space
 from mergelab.methods import MergeMethod, get_method
 
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
@@ -104,20 +105,31 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     _check_parameter_names(cfg, method)
 
     readers: dict[Path, CheckpointReader] = {}
+    opened: list[CheckpointReader] = []  # every reader, closed here if planning fails
 
     def open_source(ref: str, parameters: dict[str, Any]) -> Source:
         path = _locate(ref, cfg)
         if path not in readers:
             readers[path] = CheckpointReader(path, label=ref)
+            opened.append(readers[path])
         return Source(ref, readers[path], parameters)
 
+    try:
+        return _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source, readers, opened)
+    except BaseException:
+        for reader in opened:
+            reader.close()
+        raise
+
+
+def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source, readers, opened) -> MergePlan:
     base = open_source(base_entry, {}) if base_entry is not None else None
     experts = [open_source(entry.model, entry.parameters) for entry in expert_entries]
     sources = ([base] if base else []) + experts
-    check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
+    out = check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
 
     skipped = check_tensors(sources)
-    tensor_files = _open_tensor_files(method, experts, cfg)
+    tensor_files = _open_tensor_files(method, experts, cfg, opened)
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
     num_layers = _num_layers(reference.reader)
@@ -132,6 +144,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
         params = _tensor_params(method, cfg, experts, name, layer_position(name, num_layers))
         jobs.append(TensorJob(name, info.shape, out_dtype or info.dtype, params))
 
+    check_free_space(out, output_size(jobs))
     tokenizer_dir = None
     if cfg.tokenizer_source is not None:
         if cfg.tokenizer_source == "union":
@@ -293,7 +306,8 @@ def _shape_message(name, reference, source, shape_a, shape_b) -> str:
     )
 
 
-def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeConfig) -> dict[str, list[CheckpointReader]]:
+def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeConfig,
+                       opened: list[CheckpointReader]) -> dict[str, list[CheckpointReader]]:
     """Open, for each tensor-file parameter of the method (a Fisher, say), every expert's file,
     and check it holds each floating-point tensor of that expert with the same shape."""
     files: dict[str, list[CheckpointReader]] = {}
@@ -304,6 +318,7 @@ def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeCon
             if not isinstance(path, str):
                 raise MergelabError(f"model '{source.ref}' needs parameters.{param.name}: the {param.help}")
             reader = CheckpointReader(_locate(path, cfg), label=f"{param.name} of {source.ref}")
+            opened.append(reader)
             for name, info in source.reader.tensors.items():
                 if not info.dtype.is_floating_point:
                     continue
@@ -367,7 +382,8 @@ def execute(plan: MergePlan) -> Path:
     """Run a validated plan; returns the output directory."""
     options = plan.options
     device = torch.device(options.device)
-    with atomic_directory(plan.out_dir, options.force) as tmp:
+    inputs = [reader.path for reader, _ in _inputs(plan)]
+    with atomic_directory(plan.out_dir, options.force, inputs=inputs, size=output_size(plan.jobs)) as tmp:
         writer = ShardedWriter(tmp, [(j.name, j.shape, j.out_dtype) for j in plan.jobs],
                                parse_size(options.shard_size))
         progress = tqdm(total=len(plan.jobs), unit="tensor", desc=f"{plan.method.name}", disable=options.quiet)
@@ -397,6 +413,17 @@ def execute(plan: MergePlan) -> Path:
             _copy_tokenizer(plan.tokenizer_dir, tmp)
         (tmp / "mergelab_config.yml").write_text(plan.config.to_yaml())
     return plan.out_dir
+
+
+def output_size(jobs: list[TensorJob]) -> int:
+    """Bytes of weights the merge writes (support files are small beside them)."""
+    total = 0
+    for job in jobs:
+        numel = 1
+        for dim in job.shape:
+            numel *= dim
+        total += numel * job.out_dtype.itemsize
+    return total
 
 
 def _inputs(plan: MergePlan) -> list[tuple[CheckpointReader, str]]:

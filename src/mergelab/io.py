@@ -15,16 +15,15 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.outdir import atomic_directory, check_output_dir  # noqa: F401  (re-exported)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -81,68 +80,168 @@ def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dt
     return aliases[key]
 
 
+MAX_HEADER_BYTES = 100_000_000
+MAX_NUMEL = 2**63 - 1
+
+
+def _strict_int(value: object) -> int:
+    """An integer from a header (JSON ints only: no bools, floats or strings)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the name '{key}' appears twice")
+        seen[key] = value
+    return seen
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """List the tensors of one safetensors file from its header, checking it is whole."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise MergelabError(f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise MergelabError(
-                f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has "
-                f"{size}; re-download or re-save it"
-            )
-        raw = handle.read(header_len)
+    """List the tensors of one safetensors file from its header, checking the whole layout.
+
+    The format's rules are enforced, so that no tensor can be read from the wrong bytes: the
+    header is a JSON object with unique names, known dtypes and non-negative integer shapes and
+    offsets; each tensor's byte count matches its shape; and the tensors' byte ranges, sorted,
+    tile the data section exactly (no overlap, no gap, nothing outside it).
+    """
+    path = Path(path)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise MergelabError(f"{path} is not a safetensors file (only {size} bytes); re-download or re-save it")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+                raise MergelabError(
+                    f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has "
+                    f"{size}; re-download or re-save it"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise MergelabError(f"cannot read {path}: {exc.strerror or exc}; check the file and its permissions") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MergelabError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from None
     if not isinstance(header, dict):
-        raise MergelabError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object); "
-                         f"re-download or re-save it")
+        raise MergelabError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                            f"object); re-download or re-save it")
     data_start = 8 + header_len
     data_len = size - data_start
-    tensors = {}
+    tensors: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise MergelabError(f"{path} has a corrupt safetensors header (__metadata__ is not an object)")
             continue
         try:
+            if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+                raise ValueError("unexpected fields")
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_strict_int(d) for d in entry["shape"])
+            begin, end = (_strict_int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise MergelabError(f"{path}: tensor '{name}' has an unreadable header entry {entry!r}") from None
-        numel = 1
-        for dim in shape:
-            numel *= dim
+            raise MergelabError(f"{path}: tensor '{name}' has an unreadable header entry {_clip(entry)}; "
+                                f"re-download or re-save it") from None
+        if any(dim < 0 for dim in shape):
+            raise MergelabError(f"{path} is corrupt: tensor '{name}' has a negative dimension in shape {shape}")
+        numel = _numel(shape)
+        if numel > MAX_NUMEL:
+            raise MergelabError(f"{path} is corrupt: tensor '{name}' has shape {shape}, whose element count "
+                                f"overflows 64 bits")
+        if not 0 <= begin <= end:
+            raise MergelabError(f"{path} is corrupt: tensor '{name}' has byte range [{begin}, {end}); "
+                                f"re-download or re-save it")
         if end > data_len:
             raise MergelabError(
                 f"{path} is truncated: tensor '{name}' ends at byte {end} of the data but the file holds "
                 f"only {data_len}; re-download or re-save it"
             )
         if end - begin != numel * dtype.itemsize:
-            raise MergelabError(f"{path} is corrupt: tensor '{name}' has {end - begin} bytes for shape {shape}")
+            raise MergelabError(f"{path} is corrupt: tensor '{name}' has {end - begin} bytes for shape {shape} "
+                                f"of {entry['dtype']}; re-download or re-save it")
+        ranges.append((begin, end, name))
         tensors[name] = TensorInfo(name, shape, dtype, path, (data_start + begin, data_start + end))
+    _check_tiling(path, sorted(ranges), data_len)
     return tensors
+
+
+def _check_tiling(path: Path, ranges: list[tuple[int, int, str]], data_len: int) -> None:
+    """Sorted byte ranges must cover [0, data_len) exactly: each starts where the last ended."""
+    position, previous = 0, None
+    for begin, end, name in ranges:
+        if begin < position:
+            raise MergelabError(f"{path} is corrupt: tensors '{previous}' and '{name}' share bytes "
+                                f"[{begin}, {position}); re-download or re-save it")
+        if begin > position:
+            raise MergelabError(f"{path} is corrupt: bytes [{position}, {begin}) of the data belong to no tensor "
+                                f"(before '{name}'); re-download or re-save it")
+        position, previous = end, name
+    if position != data_len:
+        raise MergelabError(f"{path} is corrupt: the data section has {data_len} bytes but its tensors cover "
+                            f"{position}; re-download or re-save it")
+
+
+def _clip(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_index(index_path: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MergelabError(f"{index_path} is not a valid index file ({exc!r}); re-download the model") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise MergelabError(f"{index_path} is not a valid index file ({type(exc).__name__}: {exc}); "
+                            f"re-download the model") from None
+    if not isinstance(weight_map, dict):
+        raise MergelabError(f"{index_path}: 'weight_map' is not an object; re-download the model")
+    directory = index_path.parent.resolve()
     files = {}
     for name, shard in weight_map.items():
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
+        shard_path = index_path.parent / shard if isinstance(shard, str) else None
+        # A shard must be a file of this directory: an index must not reach elsewhere on disk.
+        if shard_path is None or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise MergelabError(f"{index_path} names shard {shard!r} for tensor '{name}', which is not a file name "
+                                f"in {index_path.parent}; re-download the model")
+        if not shard_path.is_file() or shard_path.resolve().parent != directory:
             raise MergelabError(
                 f"{index_path} names shard '{shard}' (for tensor '{name}') but {shard_path} does not exist; "
                 f"re-download the missing shard"
             )
         files[name] = shard_path
     return files
+
+
+def load_tensor_file(file: Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a PyTorch ``.bin``/``.pt`` state dict safely (``weights_only``, memory-mapped).
+
+    A file that pickles anything but tensors and plain containers is refused with one line
+    that says to convert it, never with advice to unpickle it unsafely.
+    """
+    where = f"model '{label}': " if label else ""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except OSError as exc:
+        raise MergelabError(f"{where}cannot read {file}: {exc.strerror or exc}") from None
+    except Exception:  # torch raises many types for pickles it will not load
+        raise MergelabError(unsafe_checkpoint_message(file, label)) from None
+    if not isinstance(state, dict):
+        raise MergelabError(f"{where}{file} does not hold a state dict (a mapping of names to tensors); "
+                            f"convert it to safetensors")
+    return state
+
+
+def unsafe_checkpoint_message(file: Path | str, label: str | None = None) -> str:
+    """The one message for a pickle checkpoint that safe loading refuses (shared by every loader)."""
+    where = f"model '{label}': " if label else ""
+    return (f"{where}{file} is not a plain tensor checkpoint (it is corrupt or pickles other Python objects, "
+            f"which mergelab never loads); convert it to safetensors with the code that wrote it")
 
 
 class CheckpointReader:
@@ -164,13 +263,19 @@ class CheckpointReader:
         self.label = label or str(path)
         if not self.path.exists():
             raise MergelabError(f"model '{self.label}': {self.path} does not exist; check the path")
-        self._local = threading.local()
+        self._handles: dict[Path, int] = {}  # one descriptor per file, shared by all threads (pread)
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
-        self._bin_lock = threading.Lock()
+        self._lock = threading.Lock()
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = self._list_tensors()
         if not self.tensors:
             raise MergelabError(f"model '{self.label}': {self.path} holds no tensors")
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- listing -------------------------------------------------------------------------
     def _read_config(self) -> dict | None:
@@ -178,9 +283,12 @@ class CheckpointReader:
         if config_path is None or not config_path.is_file():
             return None
         try:
-            return json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise MergelabError(f"model '{self.label}': {config_path} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise MergelabError(f"model '{self.label}': {config_path} is not a JSON object")
+        return config
 
     def weight_files(self) -> list[Path]:
         """The files the tensors are read from."""
@@ -227,18 +335,9 @@ class CheckpointReader:
         )
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
-        with self._bin_lock:
+        with self._lock:
             if file not in self._bin_cache:
-                try:
-                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as exc:  # torch raises many types for bad pickles
-                    raise MergelabError(
-                        f"model '{self.label}': cannot read {file} safely ({type(exc).__name__}: {exc}); "
-                        f"convert it to safetensors"
-                    ) from None
-                if not isinstance(state, dict):
-                    raise MergelabError(f"model '{self.label}': {file} does not hold a state dict")
-                self._bin_cache = {file: state}  # keep one shard mapped at a time
+                self._bin_cache = {file: load_tensor_file(file, self.label)}  # one shard mapped at a time
             return self._bin_cache[file]
 
     def _list_bin(self, files: list[Path]) -> dict[str, TensorInfo]:
@@ -264,25 +363,35 @@ class CheckpointReader:
         view = memoryview(buffer.numpy())
         done = 0
         while done < end - begin:
-            got = os.preadv(handle, [view[done:]], begin + done)
+            try:
+                got = os.preadv(handle, [view[done:]], begin + done)
+            except OSError as exc:
+                raise MergelabError(f"model '{self.label}': reading '{name}' from {info.file} failed: "
+                                    f"{exc.strerror}") from None
             if got <= 0:
                 raise MergelabError(f"model '{self.label}': {info.file} ended early while reading '{name}'")
             done += got
         return buffer.view(info.dtype).reshape(info.shape)
 
     def _handle(self, file: Path) -> int:
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        if file not in handles:
-            handles[file] = os.open(file, os.O_RDONLY)
-        return handles[file]
+        handle = self._handles.get(file)
+        if handle is None:
+            with self._lock:
+                handle = self._handles.get(file)
+                if handle is None:
+                    try:
+                        handle = self._handles[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError as exc:
+                        raise MergelabError(f"model '{self.label}': cannot open {file}: {exc.strerror}") from None
+        return handle
 
     def close(self) -> None:
-        for handle in getattr(self._local, "handles", {}).values():
+        """Close every file this reader opened (from any thread). Safe to call twice."""
+        with self._lock:
+            handles, self._handles = self._handles, {}
+            self._bin_cache = {}
+        for handle in handles.values():
             os.close(handle)
-        self._local = threading.local()
-        self._bin_cache = {}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
@@ -427,40 +536,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise MergelabError(f"shard size must be positive, got {size}")
     return value
-
-
-def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[Path] = ()) -> Path:
-    """Refuse an existing output directory unless forced, and never one that holds an input."""
-    out = Path(out_dir).expanduser().absolute()
-    for source in inputs:
-        source = Path(source).absolute()
-        if out == source or out in source.parents:
-            raise MergelabError(f"output directory {out} holds input model {source}; choose another output directory")
-    if out.exists() and not force:
-        raise MergelabError(f"output directory {out} already exists; remove it, choose another, or pass --force")
-    if out.exists() and not out.is_dir():
-        raise MergelabError(f"output path {out} exists and is not a directory")
-    return out
-
-
-@contextmanager
-def atomic_directory(out_dir: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir``; rename it into place only if the block succeeds."""
-    out = check_output_dir(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def copy_support_files(source: Path, target: Path, out_dtype: torch.dtype | None) -> None:
