@@ -67,7 +67,9 @@ def test_full_recipe_writes_eq1(world, copy_model, tmp_path):
         expected = 0.3 * tuned[name] + 0.7 * (w[0] * base[name] + w[1] * peer[name])
         assert torch.allclose(merged[name], expected, atol=1e-6)
     assert json.loads((tmp_path / "out" / "cocktail.json").read_text())["recipe"] == "full"
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()  # transformers reads it back
+    for name in ("model.norm.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert torch.equal(reloaded[name].float(), merged[name])
 
 
 def test_mono_recipe_needs_no_examples(world, tmp_path):
@@ -173,3 +175,49 @@ def test_sweep_with_an_evaluate_callable_traces_alpha(world, tmp_path):
     assert rows[0]["target"] == pytest.approx(float(base.mean()), abs=1e-6)
     assert rows[1]["target"] == pytest.approx(float(a.mean()), abs=1e-6)
     assert not seen[0].exists()  # merged models are removed unless kept
+
+
+def test_blackbox_merges_with_the_registry_s_eq1(world):
+    from mergelab.cocktail.blackbox import merged_state
+
+    states = [state(world[m]) for m in ("base", "b")]
+    anchor = state(world["a"])
+    merged = merged_state(states, [0.25, 0.75], anchor, alpha=0.4)
+    name = "model.norm.weight"
+    expected = 0.4 * anchor[name] + 0.6 * (0.25 * states[0][name] + 0.75 * states[1][name])
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    assert torch.equal(states[0][name], state(world["base"])[name])  # the inputs are left untouched
+    plain = merged_state(states, [0.25, 0.75])
+    assert torch.allclose(plain[name], 0.25 * states[0][name] + 0.75 * states[1][name], atol=1e-6)
+
+
+def test_blackbox_optimizes_the_same_loss_as_eq2(world, tmp_path):
+    """The loss options reach the black-box objective: its best loss is the few-shot loss, with the
+    same options, of the model the recipe writes."""
+    from mergelab.cocktail import LossOptions
+
+    options = LossOptions(max_length=6)  # cuts the inputs, so the loss differs from the default one
+    result = cocktail(tmp_path / "bb", base=world["base"], peers=[world["a"]], examples=FIVE, recipe="blackbox",
+                      budget=3, seed=0, options=options)
+    from mergelab.cocktail.blackbox import blackbox_weights
+
+    weights, best = blackbox_weights([world["base"], world["a"]], FIVE, budget=3, seed=0, options=options)
+    assert weights == pytest.approx(result.weights)
+    [written] = fewshot_losses([tmp_path / "bb"], FIVE, options=options)
+    assert best == pytest.approx(written, abs=1e-5)
+    [default] = fewshot_losses([tmp_path / "bb"], FIVE)
+    assert abs(default - written) > 1e-3
+
+
+def test_each_cocktail_subcommand_gets_exactly_its_options():
+    from mergelab.cli import cocktail as group
+    from mergelab.cocktail import LossOptions
+
+    def names(command):
+        return {option for param in group.commands[command].params for option in param.opts}
+
+    loss_flags = {"--" + name.replace("_", "-") for name in LossOptions.field_names()}
+    for command in ("merge", "weights", "sweep"):
+        assert loss_flags | {"--tokenizer", "--examples", "--recipe"} <= names(command)
+    assert "--alpha" in names("merge") and "--alpha" in names("weights")
+    assert "--alpha" not in names("sweep") and "--alphas" in names("sweep")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from mergelab.cocktail import cocktail, fewshot_losses, fewshot_weights
+from mergelab.cocktail import LossOptions, cocktail, fewshot_losses, fewshot_weights
 from mergelab.evaluate.encoder import embed
 
 FACTS = [
@@ -69,7 +69,7 @@ def test_finetuned_encoder_wins_the_weight_and_the_merge_embeds(minilm_dir, fine
     from sentence_transformers import SentenceTransformer
 
     examples = retrieval_examples()
-    options = dict(model_type="encoder", neg_number=3)
+    options = dict(model_type="encoder", options=LossOptions(neg_number=3))
     base_loss, tuned_loss = fewshot_losses([minilm_dir, finetuned_minilm], examples, **options)
     assert tuned_loss < base_loss
     weights = fewshot_weights([minilm_dir, finetuned_minilm], examples, temperature=0.1, **options)
@@ -94,10 +94,10 @@ def test_plain_automodel_directory_works_with_cls_pooling(minilm_dir, tmp_path):
     AutoModel.from_pretrained(minilm_dir).save_pretrained(plain)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(plain)
     examples = retrieval_examples()
-    options = dict(model_type="encoder", neg_number=3)
+    options = dict(model_type="encoder", options=LossOptions(neg_number=3))
     [cls_loss] = fewshot_losses([plain], examples, **options)
-    [explicit] = fewshot_losses([plain], examples, pooling="cls", **options)
-    [mean_loss] = fewshot_losses([plain], examples, pooling="mean", **options)
+    [explicit] = fewshot_losses([plain], examples, model_type="encoder", options=LossOptions(neg_number=3, pooling="cls"))
+    [mean_loss] = fewshot_losses([plain], examples, model_type="encoder", options=LossOptions(neg_number=3, pooling="mean"))
     assert cls_loss == pytest.approx(explicit) and cls_loss != pytest.approx(mean_loss)
     [st_loss] = fewshot_losses([minilm_dir], examples, **options)  # its 1_Pooling config says mean
     assert st_loss == pytest.approx(mean_loss, abs=1e-5)

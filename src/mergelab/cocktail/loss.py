@@ -12,6 +12,7 @@ and the loss is the cross-entropy of picking its own positive.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -20,9 +21,43 @@ import torch
 from mergelab.errors import MergelabError
 from mergelab.evaluate.decoder import example_losses
 from mergelab.evaluate.encoder import embed
-from mergelab.evaluate.runner import check_tokenizer, pooling_of
+from mergelab.evaluate.runner import pooling_of
+from mergelab.loading import load_model
 
 MODEL_TYPES = ("decoder", "encoder")
+LOADER_KIND = {"decoder": "causal", "encoder": "encoder"}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How L(M_i, E_t) of Eq. 2 is computed; one value passed whole to every recipe.
+
+    Each field's ``help`` metadata is also the text of its command-line option.
+    """
+
+    max_length: int | None = field(default=None, metadata={
+        "help": "Tokens per sequence (default: 2048 for decoders, 512 for encoders)."})
+    pooling: str | None = field(default=None, metadata={
+        "help": "Encoder pooling, cls or mean (default: the directory's sentence-transformers pooling, else cls).",
+        "choices": ("cls", "mean")})
+    neg_number: int = field(default=7, metadata={"help": "Encoder negatives per query."})
+    query_instruction: str = field(default="", metadata={"help": "Encoder: text put before every query."})
+    contrastive_temperature: float = field(default=0.05, metadata={
+        "help": "Encoder: temperature of the in-batch contrastive loss."})
+
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 1:
+            raise MergelabError(f"max_length must be at least 1, got {self.max_length}")
+        if self.pooling not in (None, "cls", "mean"):
+            raise MergelabError(f"pooling '{self.pooling}' is not known; use cls or mean")
+        if self.neg_number < 0:
+            raise MergelabError(f"neg_number must be >= 0, got {self.neg_number}")
+        if self.contrastive_temperature <= 0:
+            raise MergelabError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
 
 def check_examples(examples: Sequence[dict], model_type: str, neg_number: int = 7, where: str = "examples") -> None:
@@ -50,21 +85,21 @@ def check_examples(examples: Sequence[dict], model_type: str, neg_number: int = 
                                  f"{neg_number}; add negatives or lower neg_number")
 
 
-def load_candidate(path: str | Path, model_type: str, device: str = "cpu"):
+def load_candidate(path: str | Path, model_type: str, device: str = "cpu", tokenizer: str | Path | None = None):
     """(model, tokenizer) of one candidate, in float32, in eval mode."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    return load_model(path, LOADER_KIND[model_type], tokenizer=tokenizer, device=device, what="candidate")
 
-    path = Path(path)
-    if not path.exists():
-        raise MergelabError(f"candidate model {path} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        loader = AutoModelForCausalLM if model_type == "decoder" else AutoModel
-        model = loader.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise MergelabError(f"cannot load candidate {path} as a {model_type}: {exc}") from None
-    check_tokenizer(model, tokenizer, str(path))
-    return model, tokenizer
+
+def model_loss(model, tokenizer, examples: Sequence[dict], model_type: str, options: LossOptions, *,
+               pooling: str, batch_size: int = 8, device=None) -> float:
+    """L(M, E_t) of a loaded model; ``pooling`` is the encoder pooling when ``options`` names none."""
+    if model_type == "decoder":
+        return decoder_loss(model, tokenizer, examples, batch_size=batch_size, device=device,
+                            max_length=options.max_length or 2048)
+    return encoder_loss(model, tokenizer, examples, batch_size=batch_size, device=device,
+                        pooling=options.pooling or pooling, neg_number=options.neg_number,
+                        temperature=options.contrastive_temperature, max_length=options.max_length or 512,
+                        query_instruction=options.query_instruction)
 
 
 def decoder_loss(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 8, max_length: int = 2048,
@@ -94,17 +129,12 @@ def encoder_loss(model, tokenizer, examples: Sequence[dict], *, batch_size: int 
 
 
 def candidate_loss(path: str | Path, examples: Sequence[dict], model_type: str = "decoder", *,
-                   batch_size: int = 8, device: str = "cpu", **opts) -> float:
+                   options: LossOptions = LossOptions(), batch_size: int = 8, device: str = "cpu",
+                   tokenizer: str | Path | None = None) -> float:
     """Load one candidate, compute its few-shot loss, free it."""
-    model, tokenizer = load_candidate(path, model_type, device)
+    model, loaded_tokenizer = load_candidate(path, model_type, device, tokenizer)
     try:
-        if model_type == "decoder":
-            return decoder_loss(model, tokenizer, examples, batch_size=batch_size, device=device,
-                                max_length=opts.get("max_length", 2048))
-        pooling = opts.get("pooling") or pooling_of(path)
-        return encoder_loss(model, tokenizer, examples, batch_size=batch_size, device=device, pooling=pooling,
-                            neg_number=opts.get("neg_number", 7), temperature=opts.get("contrastive_temperature", 0.05),
-                            max_length=opts.get("max_length", 512),
-                            query_instruction=opts.get("query_instruction", ""))
+        return model_loss(model, loaded_tokenizer, examples, model_type, options, pooling=pooling_of(path),
+                          batch_size=batch_size, device=device)
     finally:
         del model

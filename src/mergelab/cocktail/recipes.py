@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mergelab.cocktail.blackbox import blackbox_weights
-from mergelab.cocktail.loss import check_examples
+from mergelab.cocktail.loss import LossOptions, check_examples
 from mergelab.cocktail.weights import fewshot_losses, pooled, softmax_weights
 from mergelab.errors import MergelabError
+from mergelab.loading import check_model_dir
 
 RECIPES = ("full", "mono", "no_finetune", "unified", "blackbox")
 
@@ -65,7 +66,8 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
              peers: Sequence[str | Path] = (), examples: Sequence[dict] | Mapping[str, Sequence[dict]] | None = None,
              recipe: str = "auto", alpha: float = 0.5, temperature: float = 5.0, model_type: str = "decoder",
              batch_size: int = 8, device: str = "cpu", force: bool = False, quiet: bool = True, budget: int = 40,
-             seed: int = 0, **opts) -> CocktailResult:
+             seed: int = 0, options: LossOptions = LossOptions(), tokenizer: str | Path | None = None
+             ) -> CocktailResult:
     """Run an LM-Cocktail recipe; with ``out_dir`` also write the merged model.
 
     Args:
@@ -79,10 +81,46 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
         temperature: τ of Eq. 2 (> 0).
         model_type: "decoder" or "encoder".
         budget, seed: evaluations and seed of the black-box optimizer.
-        **opts: passed to the few-shot loss (max_length, pooling, neg_number, query_instruction).
+        options: how the few-shot loss is computed (``LossOptions``), for Eq. 2 and black-box alike.
+        tokenizer: a directory whose tokenizer every model uses instead of its own.
 
     Example:
         >>> cocktail("out", finetuned="ft", base="base", peers=["p1"], examples=five)  # doctest: +SKIP
+    """
+    recipe, candidates, examples = check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples,
+                                                  recipe=recipe, alpha=alpha, temperature=temperature,
+                                                  model_type=model_type, options=options, tokenizer=tokenizer)
+    losses = None
+    if out_dir is not None and Path(out_dir).exists() and not force:  # before computing any loss
+        raise MergelabError(f"output {out_dir} already exists; choose another directory or pass --force")
+    if recipe == "mono":
+        weights = [1.0]
+    elif recipe == "blackbox":
+        weights, _ = blackbox_weights(candidates, examples, model_type, finetuned=finetuned, alpha=alpha,
+                                      budget=budget, seed=seed, options=options, batch_size=batch_size,
+                                      device=device, tokenizer=tokenizer)
+    else:
+        losses = fewshot_losses(candidates, examples, model_type, options=options, batch_size=batch_size,
+                                device=device, tokenizer=tokenizer)
+        weights = softmax_weights(losses, temperature)
+    uses_finetuned = finetuned is not None and recipe != "no_finetune"
+    result = CocktailResult(recipe, str(finetuned) if uses_finetuned else None, candidates, weights, losses,
+                            alpha if uses_finetuned else None)
+    if out_dir is not None:
+        from mergelab import merge
+
+        merge(cocktail_config(result), out_dir, force=force, quiet=quiet, device=device)
+        result.out_dir = str(out_dir)
+        (Path(out_dir) / "cocktail.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def check_cocktail(*, finetuned=None, base=None, peers: Sequence = (), examples=None, recipe: str = "auto",
+                   alpha: float = 0.5, temperature: float = 5.0, model_type: str = "decoder",
+                   options: LossOptions = LossOptions(), tokenizer=None) -> tuple[str, list[str], list[dict] | None]:
+    """Every check ``cocktail`` makes before loading a model: (recipe, candidates, pooled examples).
+
+    Callers that create files (the α sweep) run it first, so bad input leaves nothing behind.
     """
     recipe = choose_recipe(finetuned, examples, recipe)
     if not 0.0 <= alpha <= 1.0:
@@ -102,28 +140,12 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
         if examples is None:
             raise MergelabError(f"recipe '{recipe}' computes weights from few-shot examples; give --examples")
         examples = pooled(examples)
-        check_examples(examples, model_type, opts.get("neg_number", 7))
+        check_examples(examples, model_type, options.neg_number)
     _check_same_architecture([finetuned, *candidates] if finetuned is not None else candidates)
-
-    losses = None
-    if recipe == "mono":
-        weights = [1.0]
-    elif recipe == "blackbox":
-        weights, _ = blackbox_weights(candidates, examples, model_type, finetuned=finetuned, alpha=alpha,
-                                      budget=budget, seed=seed, batch_size=batch_size, device=device, **opts)
-    else:
-        losses = fewshot_losses(candidates, examples, model_type, batch_size=batch_size, device=device, **opts)
-        weights = softmax_weights(losses, temperature)
-    uses_finetuned = finetuned is not None and recipe != "no_finetune"
-    result = CocktailResult(recipe, str(finetuned) if uses_finetuned else None, candidates, weights, losses,
-                            alpha if uses_finetuned else None)
-    if out_dir is not None:
-        from mergelab import merge
-
-        merge(cocktail_config(result), out_dir, force=force, quiet=quiet, device=device)
-        result.out_dir = str(out_dir)
-        (Path(out_dir) / "cocktail.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+    if recipe != "mono":  # the models that will be loaded with transformers: check them before any compute
+        for model in candidates + ([str(finetuned)] if recipe == "blackbox" and finetuned is not None else []):
+            check_model_dir(model, tokenizer, what="candidate")
+    return recipe, candidates, examples
 
 
 def cocktail_config(result: CocktailResult) -> dict:

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mergelab.cocktail.recipes import cocktail
+from mergelab.cocktail.loss import LossOptions
+from mergelab.cocktail.recipes import check_cocktail, cocktail
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, write_rows
 
@@ -18,7 +19,10 @@ DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path | None = None,
                 peers: Sequence[str | Path] = (), examples=None, tasks=None, target: Sequence[str] = (),
                 evaluate: Callable[[Path], dict[str, float]] | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                keep_models: bool = False, quiet: bool = True, **cocktail_opts) -> list[dict]:
+                keep_models: bool = False, quiet: bool = True, recipe: str = "auto", temperature: float = 5.0,
+                model_type: str = "decoder", options: LossOptions = LossOptions(),
+                tokenizer: str | Path | None = None, batch_size: int = 8, device: str = "cpu", budget: int = 40,
+                seed: int = 0) -> list[dict]:
     """Merge at each α, evaluate, and write ``sweep.csv`` and ``sweep.png`` to ``out_dir``.
 
     Args:
@@ -28,6 +32,11 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         target: the task name(s) of the fine-tuned model's domain; the other tasks are "general".
         alphas: the grid (default 0, 0.1, ..., 1).
         keep_models: keep each merged model under ``out_dir/models``.
+        recipe, temperature, model_type, options, tokenizer, batch_size, device, budget, seed:
+            as for ``cocktail``, at every α.
+
+    Every input is checked before ``out_dir`` is created; a failed sweep removes the
+    ``out_dir`` it created.
 
     Returns:
         Rows ``{"alpha", "target", "general", <task>: score ...}``.
@@ -45,19 +54,44 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         missing = [t for t in target if t not in names]
         if missing:
             raise MergelabError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
+    for alpha in alphas:
+        check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples, recipe=recipe, alpha=alpha,
+                       temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models_dir = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))
+    created = not out_dir.exists()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergelabError(f"sweep output {out_dir} exists and is not a directory; choose another path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        models_dir = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))
+    except OSError as exc:
+        raise MergelabError(f"cannot create the sweep output {out_dir}: {exc.strerror or exc}") from None
+    settings = dict(recipe=recipe, temperature=temperature, model_type=model_type, options=options,
+                    tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed)
+    rows = []
+    try:
+        rows = _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas,
+                      keep_models, quiet, settings)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return rows
+
+
+def _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas, keep_models,
+           quiet, settings) -> list[dict]:
     rows = []
     try:
         for alpha in alphas:
             merged = models_dir / f"alpha-{alpha:g}"
             cocktail(merged, finetuned=finetuned, base=base, peers=peers, examples=examples, alpha=alpha,
-                     force=True, quiet=quiet, **cocktail_opts)
+                     force=True, quiet=quiet, **settings)
             if evaluate is not None:
                 scores = evaluate(merged)
             else:
-                scores = {r["task"]: r["score"] for r in evaluate_models([merged], tasks, progress=False)}
+                scores = {r["task"]: r["score"] for r in evaluate_models([merged], tasks, progress=False,
+                                                                         device=settings["device"])}
             general = [s for name, s in scores.items() if name not in target]
             rows.append({"alpha": alpha, "target": sum(scores[t] for t in target) / len(target),
                          "general": sum(general) / len(general) if general else float("nan"), **scores})

@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mergelab.cocktail.loss import candidate_loss, check_examples
+from mergelab.cocktail.loss import LossOptions, candidate_loss, check_examples
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
+from mergelab.loading import check_model_dir
 
 
 def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[float]:
@@ -22,20 +23,22 @@ def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[f
 
 
 def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder", *,
-                   batch_size: int = 8, device: str = "cpu", **opts) -> list[float]:
-    """L(M_i, E_t) for each candidate, loading one candidate at a time."""
-    check_examples(examples, model_type, opts.get("neg_number", 7))
+                   options: LossOptions = LossOptions(), batch_size: int = 8, device: str = "cpu",
+                   tokenizer: str | Path | None = None) -> list[float]:
+    """L(M_i, E_t) for each candidate, loading one candidate at a time (all are checked first)."""
+    check_examples(examples, model_type, options.neg_number)
     if not models:
         raise MergelabError("no candidate models given")
     for path in models:
-        if not Path(path).exists():
-            raise MergelabError(f"candidate model {path} does not exist")
-    return [candidate_loss(path, examples, model_type, batch_size=batch_size, device=device, **opts)
+        check_model_dir(path, tokenizer, what="candidate")
+    return [candidate_loss(path, examples, model_type, options=options, batch_size=batch_size, device=device,
+                           tokenizer=tokenizer)
             for path in models]
 
 
 def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder",
-                    temperature: float = 5.0, batch_size: int = 8, **opts) -> list[float]:
+                    temperature: float = 5.0, batch_size: int = 8, *, options: LossOptions = LossOptions(),
+                    device: str = "cpu", tokenizer: str | Path | None = None) -> list[float]:
     """LM-Cocktail merge weights for ``models`` from a few examples of the target task.
 
     Args:
@@ -45,9 +48,10 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
         model_type: "decoder" (causal LM) or "encoder" (embedding model).
         temperature: τ of Eq. 2; larger spreads the weights more evenly.
         batch_size: examples per forward pass.
-        **opts: ``device``, ``max_length``; encoders: ``pooling`` ("cls"/"mean"; default: the
-            directory's sentence-transformers pooling, else "cls"), ``neg_number`` (7),
-            ``query_instruction``, ``contrastive_temperature`` (0.05).
+        options: how the loss is computed (``LossOptions``: max_length; encoders: pooling,
+            neg_number, query_instruction, contrastive_temperature).
+        device: where the candidates run.
+        tokenizer: a directory whose tokenizer every candidate uses instead of its own.
 
     Returns:
         One weight per model, summing to 1.
@@ -58,7 +62,9 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
     """
     if temperature <= 0:
         raise MergelabError(f"temperature must be > 0, got {temperature}")
-    return softmax_weights(fewshot_losses(models, examples, model_type, batch_size=batch_size, **opts), temperature)
+    losses = fewshot_losses(models, examples, model_type, options=options, batch_size=batch_size, device=device,
+                            tokenizer=tokenizer)
+    return softmax_weights(losses, temperature)
 
 
 def load_examples(source: str | Path | Sequence[dict] | Mapping[str, Sequence[dict]]) -> list[dict] | dict:

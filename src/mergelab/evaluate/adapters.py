@@ -23,6 +23,7 @@ import yaml
 
 from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import RESULT_FIELDS, evaluate_models, write_rows
+from mergelab.loading import check_model_dir
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
 BACKENDS = ("mergelab", "lm-eval", "mteb")
@@ -333,7 +334,8 @@ def ingest_mteb_results(path: str | Path, model: str | None = None) -> list[dict
 def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | str | Path | None = None, *,
                           backend: str = "mergelab", lm_eval_tasks: Sequence[str] = (),
                           lm_eval_include: str | Path | None = None, out: str | Path | None = None,
-                          batch_size: int = 16, device: str = "cpu", progress: bool = True) -> list[dict]:
+                          batch_size: int = 16, device: str = "cpu", progress: bool = True,
+                          tokenizer: str | Path | None = None) -> list[dict]:
     """Evaluate model directories on our tasks with one backend, plus lm-eval task names (the `eval` command).
 
     Args:
@@ -342,6 +344,7 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
             "lm-eval" (``run_lm_eval``) or "mteb" (``run_mteb``).
         lm_eval_tasks, lm_eval_include: lm-eval task names (and your YAML folder), whatever the backend.
         out: also write the rows as JSON/CSV here.
+        tokenizer: a directory whose tokenizer every model uses instead of its own (our backend only).
 
     Returns:
         All rows, in ``RESULT_FIELDS`` format.
@@ -355,12 +358,15 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
         raise MergelabError("nothing to evaluate: give a tasks file (--tasks) or lm-eval task names (--lm-eval)")
     if lm_eval_include is not None and not lm_eval_tasks:
         raise MergelabError(f"{lm_eval_include} holds lm-eval tasks, but none is named; name them with --lm-eval")
+    if tokenizer is not None and (backend != "mergelab" or lm_eval_tasks):
+        raise MergelabError("--tokenizer applies to mergelab's own evaluators only, not to lm-eval or MTEB")
     tasks = load_tasks(tasks) if tasks is not None and not isinstance(tasks, (list, tuple)) else list(tasks or [])
     for model_dir in model_dirs:  # fail before the first (slow) load
-        _check_model_dir(model_dir)
+        check_model_dir(model_dir, tokenizer)
     rows = []
     if tasks and backend == "mergelab":
-        rows += evaluate_models(model_dirs, tasks, batch_size=batch_size, device=device, progress=progress)
+        rows += evaluate_models(model_dirs, tasks, batch_size=batch_size, device=device, progress=progress,
+                                tokenizer=tokenizer)
     for model_dir in model_dirs:
         if tasks and backend == "mteb":
             rows += run_mteb(model_dir, tasks, batch_size=batch_size, device=device)

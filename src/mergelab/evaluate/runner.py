@@ -16,6 +16,7 @@ from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 from mergelab.evaluate.encoder import rank_corpus
 from mergelab.evaluate.metrics import RANKING_METRICS, best_over_references
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
+from mergelab.loading import check_model_dir, check_vocab, load_model
 
 RESULT_FIELDS = ("model", "task", "category", "split", "kind", "metric", "score", "higher_is_better", "n")
 
@@ -54,12 +55,7 @@ def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, device=
     return sum(values) / len(values)
 
 
-def check_tokenizer(model, tokenizer, where: str) -> None:
-    """A tokenizer that emits ids the model has no embedding for is the wrong tokenizer."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise MergelabError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
-                         f"embeddings; the tokenizer does not belong to this model")
+check_tokenizer = check_vocab  # the name this check had before mergelab.loading
 
 
 def evaluate_model(model, tokenizer, tasks: Sequence[Task], *, batch_size: int = 16, device=None,
@@ -85,44 +81,39 @@ def pooling_of(model_dir: str | Path) -> str:
     return "cls"
 
 
-def load_for_tasks(model_dir: str | Path, tasks: Sequence[Task], device: str = "cpu", dtype=torch.float32):
-    """Load a decoder (AutoModelForCausalLM) or an encoder (AutoModel, for retrieval tasks)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
+def model_kind(tasks: Sequence[Task]) -> str:
+    """"encoder" for retrieval tasks, else "causal"; one call evaluates one kind."""
     retrieval = {t.kind == "retrieval" for t in tasks}
     if len(retrieval) > 1:
         raise MergelabError("retrieval tasks (encoders) and decoder tasks cannot be evaluated on one model in "
-                         "one call; split the tasks file")
-    path = Path(model_dir)
-    if not path.exists():
-        raise MergelabError(f"model directory {path} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        loader = AutoModel if retrieval == {True} else AutoModelForCausalLM
-        model = loader.from_pretrained(path, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise MergelabError(f"cannot load model {path} with transformers: {exc}") from None
-    check_tokenizer(model, tokenizer, str(path))
-    return model, tokenizer
+                            "one call; split the tasks file")
+    return "encoder" if retrieval == {True} else "causal"
+
+
+def load_for_tasks(model_dir: str | Path, tasks: Sequence[Task], device: str = "cpu", dtype=torch.float32,
+                   tokenizer: str | Path | None = None):
+    """Load a decoder (AutoModelForCausalLM) or an encoder (AutoModel, for retrieval tasks)."""
+    return load_model(model_dir, model_kind(tasks), tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | str | Path, *,
                     out: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, tokenizer: str | Path | None = None) -> list[dict]:
     """Evaluate several model directories (loaded one at a time) on the same tasks.
 
     Returns one row per (model, task) with the fields of ``RESULT_FIELDS``, and writes them
-    to ``out`` (``.json`` or ``.csv``) when given.
+    to ``out`` (``.json`` or ``.csv``) when given. ``tokenizer``: a directory whose tokenizer
+    every model uses instead of its own.
     """
     if not isinstance(tasks, (list, tuple)):
         tasks = load_tasks(tasks)
+    model_kind(tasks)
     for model_dir in model_dirs:  # fail before the first (slow) load
-        if not Path(model_dir).exists():
-            raise MergelabError(f"model directory {model_dir} does not exist")
+        check_model_dir(model_dir, tokenizer)
     rows = []
     for model_dir in model_dirs:
-        model, tokenizer = load_for_tasks(model_dir, tasks, device=device)
-        scores = evaluate_model(model, tokenizer, tasks, batch_size=batch_size, device=device, progress=progress,
+        model, loaded_tokenizer = load_for_tasks(model_dir, tasks, device=device, tokenizer=tokenizer)
+        scores = evaluate_model(model, loaded_tokenizer, tasks, batch_size=batch_size, device=device, progress=progress,
                                 pooling=pooling_of(model_dir))
         del model
         for task in tasks:
