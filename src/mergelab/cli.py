@@ -21,14 +21,52 @@ from mergelab.errors import MergelabError
 
 
 class _Group(click.Group):
-    """Print a MergelabError as `error: ...` (no traceback) and exit 2."""
+    """Print a MergelabError as `error: ...` (no traceback) and exit 2.
+
+    An ``OSError`` that escaped the library's own checks (a file system refusing a write or a
+    read) is a fault of the environment, not a bug: it is printed the same way. SIGTERM is
+    turned into ``SystemExit(143)`` so that every command cleans up its temporary files as it
+    does for Ctrl-C.
+    """
 
     def invoke(self, ctx):
+        import signal
+
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        _show_library_notes()
         try:
             return super().invoke(ctx)
         except MergelabError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}; check the path, its permissions and free space",
+                       err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was left half-written", err=True)
+            sys.exit(130)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _show_library_notes() -> None:
+    """The library reports things worth knowing (a stale temporary directory removed, ...) on
+    the ``mergelab`` logger; the CLI prints them as ``note: ...`` lines on stderr."""
+    import logging
+
+    logger = logging.getLogger("mergelab")
+    if not any(getattr(h, "_mergelab_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        handler._mergelab_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 @click.group(cls=_Group)
