@@ -59,11 +59,16 @@ def _show_library_notes() -> None:
     the ``mergelab`` logger; the CLI prints them as ``note: ...`` lines on stderr."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        def emit(self, record):
+            self.setStream(sys.stderr)  # whatever stderr is now (click's test runner swaps it)
+            super().emit(record)
+
     logger = logging.getLogger("mergelab")
-    if not any(getattr(h, "_mergelab_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, CurrentStderr.__mro__[1]) and h.get_name() == "mergelab-cli" for h in logger.handlers):
+        handler = CurrentStderr(sys.stderr)
+        handler.set_name("mergelab-cli")
         handler.setFormatter(logging.Formatter("note: %(message)s"))
-        handler._mergelab_cli = True
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -148,19 +153,16 @@ def fisher(model_dir, data, out, samples, max_length, device, force) -> None:
 @click.option("--lm-eval-include", default=None, type=click.Path(path_type=Path),
               help="Folder of your own lm-eval YAML tasks, for --lm-eval.")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="results.json or results.csv")
-@click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
-              help="Use this directory's tokenizer for every model (for models saved without one).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
-def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, tokenizer, batch_size, device,
-             quiet) -> None:
+def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, batch_size, device, quiet) -> None:
     """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file and/or lm-eval tasks."""
     from mergelab.evaluate.adapters import evaluate_with_backend
 
     rows = evaluate_with_backend(model_dirs, tasks, backend=backend, lm_eval_tasks=lm_eval_tasks,
                                  lm_eval_include=lm_eval_include, out=out, batch_size=batch_size, device=device,
-                                 progress=not quiet, tokenizer=tokenizer)
+                                 progress=not quiet)
     width = max((len(r["model"]) for r in rows), default=0)
     for row in rows:
         click.echo(f"{row['model']:{width}}  {row['task']:24} {row['metric']:12} {row['score']:.4f}")
@@ -173,74 +175,44 @@ def cocktail() -> None:
     """LM-Cocktail: merge weights from a few examples, and the resilient model."""
 
 
-# Every cocktail option, once: (the subcommands it applies to, its click declaration). The loss
-# options are generated from LossOptions' fields, so the CLI cannot drift from the API.
-_ALL = ("merge", "weights", "sweep")
-
-
-def _cocktail_option_table() -> list[tuple[tuple[str, ...], object]]:
-    from dataclasses import MISSING, fields
-
-    from mergelab.cocktail.loss import LossOptions
-
-    table = [
-        (_ALL, click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task.")),
-        (_ALL, click.option("--base", default=None, help="M_b: the base model.")),
-        (_ALL, click.option("--peer", "peers", multiple=True, help="A model fine-tuned on another task (repeatable).")),
-        (_ALL, click.option("--examples", "examples", multiple=True, type=click.Path(path_type=Path),
-                            help="JSON/JSONL few-shot examples; repeat for several tasks (unified recipe).")),
-        (_ALL, click.option("--recipe", default="auto", show_default=True,
-                            type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"]))),
-        (("merge", "weights"), click.option("--alpha", default=0.5, show_default=True,
-                                            help="Weight of the fine-tuned model.")),
-        (_ALL, click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss.")),
-        (_ALL, click.option("--model-type", default="decoder", show_default=True,
-                            type=click.Choice(["decoder", "encoder"]))),
-        (_ALL, click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
-                            help="Use this directory's tokenizer for every model (for models saved without one).")),
+def _cocktail_options(command):
+    options = [
+        click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task."),
+        click.option("--base", default=None, help="M_b: the base model."),
+        click.option("--peer", "peers", multiple=True, help="A model fine-tuned on another task (repeatable)."),
+        click.option("--examples", "examples", multiple=True, type=click.Path(path_type=Path),
+                     help="JSON/JSONL few-shot examples; repeat for several tasks (unified recipe)."),
+        click.option("--recipe", default="auto", show_default=True,
+                     type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"])),
+        click.option("--alpha", default=0.5, show_default=True, help="Weight of the fine-tuned model."),
+        click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss."),
+        click.option("--model-type", default="decoder", show_default=True, type=click.Choice(["decoder", "encoder"])),
+        click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]), help="Encoder pooling."),
+        click.option("--neg-number", default=7, show_default=True, help="Encoder negatives per query."),
+        click.option("--batch-size", default=8, show_default=True),
+        click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations."),
+        click.option("--device", default="cpu", show_default=True),
     ]
-    for spec in fields(LossOptions):
-        default = None if spec.default is MISSING else spec.default
-        choices = spec.metadata.get("choices")
-        kind = click.Choice(choices) if choices else (type(default) if default is not None else int)
-        table.append((_ALL, click.option(f"--{spec.name.replace('_', '-')}", spec.name, default=default, type=kind,
-                                         show_default=default not in (None, ""), help=spec.metadata["help"])))
-    table += [
-        (_ALL, click.option("--batch-size", default=8, show_default=True)),
-        (_ALL, click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations.")),
-        (_ALL, click.option("--device", default="cpu", show_default=True)),
-    ]
-    return table
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
-def _cocktail_options(subcommand: str):
-    """Decorate a cocktail subcommand with exactly the options that apply to it."""
-
-    def decorate(command):
-        for applies, option in reversed(_cocktail_option_table()):
-            if subcommand in applies:
-                command = option(command)
-        return command
-
-    return decorate
-
-
-def _cocktail_kwargs(examples, **kwargs) -> dict:
-    """The cocktail API's keyword arguments from the parsed options (loss options as one LossOptions)."""
+def _cocktail_kwargs(examples, pooling, neg_number, **kwargs) -> dict:
     from mergelab.cocktail import load_examples
-    from mergelab.cocktail.loss import LossOptions
 
     if len(examples) == 1:
         kwargs["examples"] = load_examples(examples[0])
     elif examples:
         kwargs["examples"] = {str(path): load_examples(path) for path in examples}
-    loss = {name: kwargs.pop(name) for name in LossOptions.field_names()}
-    return {**kwargs, "options": LossOptions(**loss)}
+    if pooling:
+        kwargs["pooling"] = pooling
+    return {**kwargs, "neg_number": neg_number}
 
 
 @cocktail.command(name="merge")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@_cocktail_options("merge")
+@_cocktail_options
 @click.option("--force", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def cocktail_merge(out_dir, **options) -> None:
@@ -253,7 +225,7 @@ def cocktail_merge(out_dir, **options) -> None:
 
 
 @cocktail.command(name="weights")
-@_cocktail_options("weights")
+@_cocktail_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cocktail_weights(as_json, **options) -> None:
     """Print the few-shot losses and merge weights only (nothing is written)."""
@@ -267,7 +239,7 @@ def cocktail_weights(as_json, **options) -> None:
 
 @cocktail.command(name="sweep")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@_cocktail_options("sweep")
+@_cocktail_options
 @click.option("--tasks", "tasks", required=True, type=click.Path(path_type=Path), help="Tasks file to score.")
 @click.option("--target", "target", multiple=True, required=True, help="Target task name(s).")
 @click.option("--alphas", default=None, help="Comma-separated α values (default 0,0.1,...,1).")
@@ -281,6 +253,7 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
         grid = [float(a) for a in alphas.split(",")] if alphas else DEFAULT_ALPHAS
     except ValueError:
         raise MergelabError(f"--alphas must be comma-separated numbers like 0,0.5,1; got '{alphas}'") from None
+    options.pop("alpha")
     rows = alpha_sweep(out_dir, tasks=tasks, target=target, alphas=grid, keep_models=keep_models,
                        **_cocktail_kwargs(**options))
     for row in rows:
