@@ -38,7 +38,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MergelabError as exc:
-            click.echo(f"error: {exc}", err=True)
+            first, *rest = str(exc).strip().splitlines() or ["(no message)"]
+            click.echo(f"error: {first}", err=True)
+            for line in rest:  # a hint, indented under the one error line
+                if line.strip():
+                    click.echo(f"  {line.strip()}", err=True)
             sys.exit(2)
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
