@@ -143,3 +143,44 @@ def test_ray_executor_matches_local(spec_file, tmp_path):
     assert len(local) == len(remote)
     for a, b in zip(local, remote):
         assert a["task"] == b["task"] and float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-6)
+
+
+def test_a_merge_scoring_zero_accuracy_is_normalized_to_zero_in_csv_and_table(spec_file, tmp_path, monkeypatch):
+    """results.csv and table.md follow one rule: accuracy 0 against a non-zero reference is 0, not blank."""
+    tasks_path = spec_file.parent / "tasks.yml"
+    items = [{"input": f"copy {d} =", "options": [f"{d}", f"{(d + 1) % 10}"], "answer": 0} for d in range(4)]
+    tasks = yaml.safe_load(tasks_path.read_text())
+    for task in tasks["tasks"]:
+        task.update(kind="rank_classification", examples=items)
+    tasks_path.write_text(yaml.safe_dump(tasks))
+    spec = yaml.safe_load(spec_file.read_text())
+    spec.update(n_experts=[1], seeds=[0], methods=spec["methods"][:1], multitask=None)
+    spec_file.write_text(yaml.safe_dump(spec))
+    original = grid_runner.evaluate_models
+
+    def references_score_half_merges_zero(model_dirs, tasks, **kwargs):
+        rows = original(model_dirs, tasks, **kwargs)
+        merged = "models" in str(model_dirs[0])
+        return [{**row, "score": 0.0 if merged else 0.5} for row in rows]
+
+    monkeypatch.setattr(grid_runner, "evaluate_models", references_score_half_merges_zero)
+    out = tmp_path / "zero"
+    run_grid(spec_file, out, log=lambda *_: None)
+    merged_rows = [r for r in read(out / "results.csv") if r["method"] == "avg"]
+    assert merged_rows and all(r["normalized"] == "0.0" and r["reference_score"] == "0.5" for r in merged_rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"]["avg"]["1"] == {split: {"mean": 0.0, "std": 0.0, "seeds": 1}
+                                            for split in ("held_in", "held_out")}
+    assert "| avg | 1 | 0.000 ± 0.000 | 0.000 ± 0.000 | 1 |" in (out / "table.md").read_text()
+
+
+def test_undefined_normalized_scores_stay_blank():
+    from mergelab.evaluate import make_task
+
+    tasks = [make_task({"name": "acc", "kind": "loss", "metric": "loss", "split": "held_out", "category": "c",
+                        "examples": [{"text": "copy 1"}]})]
+    rows = [{"method": "base", "task": "acc", "split": "held_out", "score": 0.0},
+            {"method": "avg", "task": "acc", "split": "held_out", "score": 0.0}]
+    grid_runner.add_normalized(rows, tasks)
+    assert [r["normalized"] for r in rows] == ["", ""]  # a loss of 0 has no normalized value
+    assert rows[1]["reference_score"] == 0.0

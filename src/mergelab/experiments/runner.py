@@ -20,7 +20,7 @@ from typing import Callable
 
 from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
-from mergelab.evaluate import evaluate_models, load_tasks, normalize, write_rows
+from mergelab.evaluate import evaluate_models, load_tasks, normalized_performance, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
 from mergelab.methods import get_method
 
@@ -103,15 +103,19 @@ def reference_rows(spec: GridSpec, tasks) -> list[dict]:
 
 
 def add_normalized(rows: list[dict], tasks) -> None:
-    """Fill reference_score and normalized: held-in ÷ the task's expert, held-out ÷ the base."""
-    metric = {t.name: t.metric for t in tasks}
+    """Fill reference_score and normalized: held-in ÷ the task's expert, held-out ÷ the base.
+
+    The value comes from ``normalized_performance``, the rule ``table.md`` uses too: blank
+    only where it is undefined (no reference, a reference of 0, or a loss of 0).
+    """
+    by_name = {t.name: t for t in tasks}
     base = {r["task"]: float(r["score"]) for r in rows if r["method"] == "base"}
     expert = {r["task"]: float(r["score"]) for r in rows if r["method"] == "expert"}
     for row in rows:
-        reference = (expert if row["split"] == "held_in" else base).get(row["task"])
-        row["reference_score"] = "" if reference is None else reference
-        ok = reference not in (None, 0.0) and float(row["score"]) != 0.0
-        row["normalized"] = normalize(float(row["score"]), reference, metric[row["task"]]) if ok else ""
+        task = by_name[row["task"]]
+        result = normalized_performance({task.name: float(row["score"])}, [task], expert, base)["tasks"][task.name]
+        row["reference_score"] = "" if result["reference"] is None else result["reference"]
+        row["normalized"] = "" if result["normalized"] is None else result["normalized"]
 
 
 def read_results(path: Path) -> list[dict]:
