@@ -82,6 +82,7 @@ class MergeOptions:
     seed: int = _option(0, "Seed of DARE's random masks.")
     shard_size: str | int = _option("5GB", "Largest output shard (5GB, 500MB, or a number of bytes).")
     quiet: bool = _option(False, "No progress bar.")
+    no_model_card: bool = _option(False, "Do not write a README.md model card into OUT_DIR.")
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> MergeOptions:

@@ -38,6 +38,7 @@ from mergelab.io import (
     parse_size,
     resolve_model,
 )
+from mergelab.modelcard import write_model_card
 from mergelab.outdir import check_free_space
 from mergelab.methods import MergeMethod, get_method
 
@@ -411,7 +412,13 @@ def execute(plan: MergePlan) -> Path:
         copy_support_files(plan.support_dir, tmp, float_dtypes.pop() if len(float_dtypes) == 1 else None)
         if plan.tokenizer_dir is not None:
             _copy_tokenizer(plan.tokenizer_dir, tmp)
-        (tmp / "mergelab_config.yml").write_text(plan.config.to_yaml())
+        config_yaml = plan.config.to_yaml()
+        (tmp / "mergelab_config.yml").write_text(config_yaml)
+        if not options.no_model_card:
+            sources = ([plan.base] if plan.base else []) + plan.experts
+            write_model_card(tmp, method=plan.method.name, paper=plan.method.paper, summary=plan.method.summary,
+                             inputs=[source.ref for source in sources], base=plan.base.ref if plan.base else None,
+                             config_yaml=config_yaml)
     return plan.out_dir
 
 
