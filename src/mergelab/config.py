@@ -238,24 +238,62 @@ def _validation_problem(exc: ValidationError, data: dict) -> str:
 def read_records(path: str | Path, what: str = "data file") -> list | dict:
     """The records of a JSONL, JSON (list or object) or YAML file.
 
-    A ``.json`` file that holds one object per line is read as JSONL too.
+    A ``.json`` file that holds one object per line is read as JSONL too. Every error names
+    the file and, for a parse error, the line of the file where it is (counted from 1).
     """
     path = Path(path)
-    if not path.is_file():
-        raise MergelabError(f"{what} {path} does not exist; check the path")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yml", ".yaml"):
-            return yaml.safe_load(text)
-        if path.suffix != ".jsonl":
+    text = _read_text(path, what)
+    if not text.strip():
+        raise MergelabError(f"{what} {path} is empty; it must hold at least one record")
+    if path.suffix in (".yml", ".yaml"):
+        try:
+            records = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise MergelabError(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    elif path.suffix != ".jsonl" and not _looks_like_jsonl(text):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MergelabError(f"{what} {path}, line {exc.lineno} column {exc.colno}: not valid JSON "
+                                f"({exc.msg})") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                if not text.lstrip().startswith("{"):
-                    raise
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise MergelabError(f"{path} is neither JSON, JSONL nor YAML ({exc})") from None
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise MergelabError(f"{what} {path}, line {number} column {exc.colno}: not valid JSON "
+                                    f"({exc.msg}); a JSONL file holds one JSON value per line") from None
+    if not records:
+        raise MergelabError(f"{what} {path} holds no records; it must hold at least one")
+    return records
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.exists():
+        raise MergelabError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise MergelabError(f"{what} {path} is not a file; give the path of a JSON, JSONL or YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MergelabError(f"{what} {path} is not UTF-8 text; give a JSON, JSONL or YAML file") from None
+    except OSError as exc:
+        raise MergelabError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    """A .json file whose first line is a complete JSON object, followed by more lines: JSONL."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
+        return False
+    try:
+        json.loads(lines[0])
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> tuple[dict, str, Path | None]:
@@ -264,14 +302,13 @@ def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> t
     if isinstance(source, dict):
         return source, what, None
     path = Path(source)
-    if not path.is_file():
-        raise MergelabError(f"{what} {path} does not exist; check the path")
+    text = _read_text(path, what)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MergelabError(f"{path} is not valid YAML: {exc}") from None
+        raise MergelabError(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
-        raise MergelabError(f"{path} must be a YAML mapping with {keys_hint}")
+        raise MergelabError(f"{what} {path} must be a YAML mapping with {keys_hint}")
     return data, str(path), path.parent
 
 

@@ -201,7 +201,7 @@ def load_tasks(source: str | Path | list | dict) -> list[Task]:
         if not path.is_file():
             raise MergelabError(f"tasks file {path} does not exist")
         base_dir = path.parent
-        source = read_records(path)
+        source = read_records(path, "tasks file")
     if isinstance(source, dict):
         source = source.get("tasks", [source])
     if not isinstance(source, list) or not source:
