@@ -60,18 +60,70 @@ def test_readme_examples_run(tiny_world, tmp_path, monkeypatch):
     assert "merged model written to" in result.output
 
 
-def test_example_config_is_valid_for_its_method():
-    from mergelab.config import load_config
+@pytest.fixture
+def example_ties(tiny_world, tmp_path) -> Path:
+    """examples/ties.yml beside tiny local models under the model paths it names."""
+    for name, source in {"base": "base", "expert-copy": "a", "expert-sort": "b"}.items():
+        shutil.copytree(tiny_world[source], tmp_path / "models" / name)
+    return Path(shutil.copy(ROOT / "examples" / "ties.yml", tmp_path / "ties.yml"))
 
-    config = load_config(ROOT / "examples" / "ties.yml")
-    assert config.merge_method in METHODS
+
+def test_example_config_plans_the_merge_it_describes(example_ties, tmp_path):
+    import torch
+
+    from mergelab.config import MergeOptions
+    from mergelab.engine import plan_merge
+
+    plan = plan_merge(example_ties, tmp_path / "out", MergeOptions())
+    try:
+        assert plan.method is METHODS["ties"]
+        assert plan.base.ref == "models/base"
+        assert [expert.ref for expert in plan.experts] == ["models/expert-copy", "models/expert-sort"]
+        tensors = plan.base.reader.tensors
+        assert sorted(job.name for job in plan.jobs) == sorted(tensors)
+        for job in plan.jobs:
+            assert job.shape == tensors[job.name].shape and job.out_dtype == torch.bfloat16
+            # weight and density per model (expert-sort overrides density), lambda and normalize global
+            assert job.params == {"weight": [1.0, 0.5], "lambda": 1.0, "normalize": True, "density": [0.2, 0.4]}
+    finally:
+        plan.close()
 
 
-def test_methods_command_lists_every_method():
+def test_example_config_merges_from_the_cli(example_ties, tmp_path):
+    import json
+
+    import torch
+
+    from mergelab.io import CheckpointReader
+
+    result = CliRunner().invoke(main, ["merge", str(example_ties), str(tmp_path / "out"), "--quiet", "--seed", "3",
+                                       "--shard-size", "30KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # --shard-size reached the writer
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def read(directory: Path) -> torch.Tensor:
+        reader = CheckpointReader(directory)
+        try:
+            return reader.get(name)
+        finally:
+            reader.close()
+
+    base, copy, sort = (read(tmp_path / "models" / m) for m in ("base", "expert-copy", "expert-sort"))
+    expected = METHODS["ties"]([copy, sort], base, weight=[1.0, 0.5], density=[0.2, 0.4], normalize=True,
+                               **{"lambda": 1.0})
+    merged = read(tmp_path / "out")
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected.to(torch.bfloat16))
+
+
+def test_methods_command_lists_every_method_with_its_model_count():
     result = CliRunner().invoke(main, ["methods"])
     assert result.exit_code == 0
     for name in METHODS:
         assert name in result.output
+    assert "base_model + exactly 1 other (without base_model, the first listed model is the base)" in result.output
+    assert "fisher=PATH*" in result.output and "int8_mask=False (ignored)" in result.output
 
 
 @pytest.mark.slow

@@ -237,3 +237,61 @@ def test_overflow_into_the_output_dtype_is_reported(world, tmp_path):
     with pytest.raises(MergelabError, match="from finite inputs .*overflow float16"):
         mergelab.merge(config, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# -- the engine reads behaviour from the registry, never from a method's name ----------------------
+def _lerp(tensors, base, *, t):
+    return torch.lerp(base, tensors[0], t)
+
+
+def _masked_sum(tensors, base, *, keep):
+    return sum(k * tensor for k, tensor in zip(keep, tensors))
+
+
+def test_a_method_with_the_first_model_as_base_needs_only_its_registry_entry(world, tmp_path, monkeypatch):
+    from mergelab.methods import MergeMethod, Param
+
+    monkeypatch.setitem(METHODS, "toy_lerp", MergeMethod(
+        "toy_lerp", _lerp, (Param("t", 0.25, low=0.0, high=1.0),), "test", uses_base=True,
+        first_model_is_base=True, min_models=1, max_models=1, summary="θ_b + t (θ_1 − θ_b)"))
+    config = {"merge_method": "toy_lerp", "models": [{"model": world["a"]}, {"model": world["b"]}]}
+    merged, a, b = state(mergelab.merge(config, tmp_path / "out", quiet=True)), state(world["a"]), state(world["b"])
+    for name in merged:
+        assert torch.allclose(merged[name], a[name] + 0.25 * (b[name] - a[name]), atol=1e-6), name
+
+    config["models"].append({"model": world["c"]})
+    with pytest.raises(mergelab.MergelabError, match=r"toy_lerp merges exactly two models \(base_model and one "
+                                                     r"other\); got 3 \(without base_model, the first listed"):
+        mergelab.merge(config, tmp_path / "three", quiet=True)
+
+
+def test_a_method_with_per_model_tensor_files_needs_only_its_registry_entry(world, tmp_path, monkeypatch):
+    from mergelab.methods import MergeMethod, Param
+
+    monkeypatch.setitem(METHODS, "toy_masked", MergeMethod(
+        "toy_masked", _masked_sum, (Param("keep", None, per_model=True, kind=str, tensor_file=True,
+                                          help="path of the model's keep-mask file"),),
+        "test", min_models=2, summary="Σ keep_i ⊙ θ_i"))
+    a, b = state(world["a"]), state(world["b"])
+    for name, fill in (("a", 1.0), ("b", 0.0)):  # keep all of a, none of b
+        save_file({n: torch.full_like(t, fill) for n, t in a.items()}, tmp_path / f"{name}.safetensors")
+    config = {"merge_method": "toy_masked", "models": [
+        {"model": world[m], "parameters": {"keep": str(tmp_path / f"{m}.safetensors")}} for m in "ab"]}
+    merged = state(mergelab.merge(config, tmp_path / "out", quiet=True))
+    assert all(torch.equal(merged[name], a[name]) for name in merged)
+
+    del config["models"][1]["parameters"]
+    with pytest.raises(mergelab.MergelabError, match=r"model '.*/b' needs parameters.keep: the path of the model's "
+                                                     r"keep-mask file"):
+        mergelab.merge(config, tmp_path / "missing", quiet=True)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_normalize_with_weights_summing_to_zero_is_refused_before_merging(world, tmp_path, method):
+    config = {"merge_method": method, "base_model": world["base"], "parameters": {"normalize": True},
+              "models": [{"model": world["a"], "parameters": {"weight": 1.0}},
+                         {"model": world["b"], "parameters": {"weight": -1.0}}]}
+    with pytest.raises(mergelab.MergelabError, match=rf"{method} weights \[1\.0, -1\.0\] sum to zero for tensor "
+                                                     r"'.+' and normalize is on; .*set normalize: false"):
+        mergelab.merge(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -264,3 +264,45 @@ def test_methods_do_not_modify_the_base_tensor():
             params.update(seed=0, key="k")
         METHODS[name]([e.clone() for e in experts], base, **params)
         assert torch.equal(base, kept), name
+
+
+def test_the_registry_is_the_one_source_of_defaults():
+    """The pure functions take no parameter defaults; a registered method fills them in."""
+    import inspect
+
+    for name, method in METHODS.items():
+        signature = inspect.signature(method.fn).parameters
+        for param in method.tensor_params:
+            if param.name in signature:
+                assert signature[param.name].default is inspect.Parameter.empty, (name, param.name)
+
+
+def test_a_registered_method_applies_its_registry_defaults():
+    base = torch.zeros(10)
+    experts = [torch.randn(10), torch.randn(10)]
+    implicit = call("ties", experts, base)
+    explicit = call("ties", experts, base, weight=[1.0, 1.0], density=[0.2, 0.2], normalize=True, **{"lambda": 1.0})
+    assert torch.equal(implicit, explicit)
+
+
+@pytest.mark.parametrize("argument", ["sparsify", "consensus"])
+def test_a_misspelt_sparsify_or_consensus_fails_instead_of_meaning_none(argument):
+    from mergelab.methods.task_arithmetic import generalized_task_arithmetic
+
+    arguments = {"sparsify": None, "consensus": None, argument: "magnitud"}
+    with pytest.raises(ValueError, match="'magnitud' is not a valid"):
+        generalized_task_arithmetic([tv(1)], tv(0), weight=[1], normalize=False, density=[1], rescale=None,
+                                    seed=None, key=None, **arguments, **{"lambda": 1.0})
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_normalize_with_weights_summing_to_zero_is_refused_by_the_plan_check(name):
+    method = METHODS[name]
+    params = {**method.defaults(2), "weight": [1.0, -1.0], "normalize": True}
+    assert "sum to zero" in method.check(params, "for tensor 'x'")
+    assert method.check({**params, "normalize": False}, "for tensor 'x'") is None
+
+
+def test_task_arithmetic_never_divides_weights_summing_to_zero_by_one():
+    with pytest.raises(MergelabError, match="sum to zero"):
+        call("task_arithmetic", [tv(1), tv(2)], tv(0), weight=[1, -1], normalize=True)

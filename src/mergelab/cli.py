@@ -294,9 +294,23 @@ def methods() -> None:
     from mergelab.methods import METHODS
 
     for method in METHODS.values():
-        params = ", ".join(f"{p.name}={p.default}" + ("*" if p.per_model else "") for p in method.params)
-        click.echo(f"{method.name:16} {method.summary}\n{'':16} params: {params}   (* per model)\n"
-                   f"{'':16} {method.paper}")
+        params = ", ".join(_describe_param(p) for p in method.params)
+        click.echo(f"{method.name:16} {method.summary}\n{'':16} models: {_describe_models(method)}\n"
+                   f"{'':16} params: {params}   (* per model)\n{'':16} {method.paper}")
+
+
+def _describe_param(param) -> str:
+    value = "PATH" if param.tensor_file else param.default
+    return f"{param.name}={value}" + ("*" if param.per_model else "") + (" (ignored)" if param.ignored else "")
+
+
+def _describe_models(method) -> str:
+    low, high = method.min_models, method.max_models
+    count = f"exactly {low}" if low == high else f"{low} or more" if high is None else f"{low} to {high}"
+    if not method.uses_base:
+        return f"{count}; base_model not used"
+    first = " (without base_model, the first listed model is the base)" if method.first_model_is_base else ""
+    return f"base_model + {count} other{'s' if high != 1 else ''}{first}"
 
 
 @main.command()

@@ -38,10 +38,15 @@ def _task_method(name: str, paper: str, summary: str, *, sparsify: Sparsify | No
         params.append(_density(density))
     if sparsify is Sparsify.RANDOM:
         params.append(Param("rescale", True, kind=bool, help="rescale DARE survivors by 1/density"))
+    fixed = {"sparsify": sparsify, "consensus": consensus}
+    if sparsify is None:
+        fixed["density"] = None  # nothing is thinned
+    if sparsify is not Sparsify.RANDOM:
+        fixed.update(rescale=None, seed=None, key=None)  # no random mask to draw
     return MergeMethod(
         name, generalized_task_arithmetic, tuple(params), paper, uses_base=True,
         uses_seed=sparsify is Sparsify.RANDOM, summary=summary, check=normalize_check(name),
-        extra={"sparsify": sparsify, "consensus": consensus},
+        extra=fixed,
     )
 
 

@@ -36,17 +36,17 @@ def generalized_task_arithmetic(
     normalize: bool,
     sparsify: Sparsify | None,
     consensus: Consensus | None,
-    density: list[float] | None = None,
-    rescale: bool | None = None,
-    seed: int | None = None,
-    key: str | None = None,
+    density: list[float] | None,
+    rescale: bool | None,
+    seed: int | None,
+    key: str | None,
     **scale: float,
 ) -> torch.Tensor:
     """θ_b + λ · combine(w_i · sparsify(τ_i)); ``scale`` holds ``lambda`` (a Python keyword).
 
     ``density`` is needed with ``sparsify``; ``rescale``, ``seed`` and ``key`` (the tensor name)
-    with ``Sparsify.RANDOM``. None means "not used by this configuration", never a default:
-    defaults live in the registry (``mergelab.methods.METHODS``).
+    with ``Sparsify.RANDOM``; the registry passes None for those a configuration does not use.
+    No parameter has a default here: defaults live in the registry (``mergelab.methods``).
     """
     sparsify = None if sparsify is None else Sparsify(sparsify)  # a typo fails here, not silently
     consensus = None if consensus is None else Consensus(consensus)
