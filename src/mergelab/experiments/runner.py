@@ -12,8 +12,10 @@ Results contract (``OUT/results.csv``)::
 from __future__ import annotations
 
 import csv
+import os
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -144,8 +146,41 @@ def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executo
     if executor not in ("local", "ray"):
         raise MergelabError(f"executor '{executor}' is not known; use local or ray")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = _make_output_dir(out_dir)
     results = out_dir / "results.csv"
+    try:
+        return _run(spec, tasks, out_dir, results, executor, address, keep_models, log)
+    except BaseException:
+        if created is not None and not results.exists():  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _make_output_dir(out_dir: Path) -> Path | None:
+    """Create (or reuse, to resume) the grid's output directory; the topmost directory created, if any.
+
+    An existing file, a location that cannot be created, or one that cannot be written is a
+    user error naming the path, found before any model is scored.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergelabError(f"grid output {out_dir} exists and is not a directory; remove it or choose another --out")
+    missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # root ignores permission bits, so only a real write tells whether results can be written
+        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=out_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if missing and missing[-1].exists():
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise MergelabError(f"cannot write the grid output {out_dir}: {exc.strerror or exc}; "
+                            f"choose another --out") from None
+    return missing[-1] if missing else None
+
+
+def _run(spec: GridSpec, tasks, out_dir: Path, results: Path, executor: str, address: str | None,
+         keep_models: bool, log: Callable[[str], None]) -> Path:
     rows = read_results(results)
     if not any(r["method"] == "base" for r in rows):
         log("  scoring the reference models (base, experts, multitask)")

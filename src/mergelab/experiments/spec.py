@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mergelab.config import read_yaml_mapping
 from mergelab.errors import MergelabError
 from mergelab.evaluate import Task, load_tasks
+from mergelab.loading import check_model_dir
 from mergelab.methods import get_method
 
 
@@ -90,8 +91,11 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
     """Every error a grid can have, found before the first merge; returns the tasks."""
     for label, path in [("base", spec.base), ("multitask", spec.multitask)] + [
             (f"expert '{e.name}'", e.model) for e in spec.experts]:
-        if path is not None and not Path(path).exists():
-            raise MergelabError(f"{where}: {label} model {path} does not exist")
+        if path is not None:
+            try:  # a directory with config, weights and tokenizer, checked without loading it
+                check_model_dir(path, what=f"{label} model")
+            except MergelabError as exc:
+                raise MergelabError(f"{where}: {exc}") from None
     names = [e.name for e in spec.experts]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
