@@ -96,8 +96,10 @@ def test_plain_automodel_directory_works_with_cls_pooling(minilm_dir, tmp_path):
     examples = retrieval_examples()
     options = dict(model_type="encoder", options=LossOptions(neg_number=3))
     [cls_loss] = fewshot_losses([plain], examples, **options)
-    [explicit] = fewshot_losses([plain], examples, model_type="encoder", options=LossOptions(neg_number=3, pooling="cls"))
-    [mean_loss] = fewshot_losses([plain], examples, model_type="encoder", options=LossOptions(neg_number=3, pooling="mean"))
+    [explicit] = fewshot_losses([plain], examples, model_type="encoder",
+                                options=LossOptions(neg_number=3, pooling="cls"))
+    [mean_loss] = fewshot_losses([plain], examples, model_type="encoder",
+                                 options=LossOptions(neg_number=3, pooling="mean"))
     assert cls_loss == pytest.approx(explicit) and cls_loss != pytest.approx(mean_loss)
     [st_loss] = fewshot_losses([minilm_dir], examples, **options)  # its 1_Pooling config says mean
     assert st_loss == pytest.approx(mean_loss, abs=1e-5)

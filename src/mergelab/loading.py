@@ -93,7 +93,8 @@ def check_vocab(model, tokenizer, where: str) -> None:
                             f"embeddings; the tokenizer does not belong to this model")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, for quoting inside a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -112,7 +113,7 @@ def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None, *, wha
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise MergelabError(f"cannot load the tokenizer in {source}: {_first_line(exc)}\n"
+        raise MergelabError(f"cannot load the tokenizer in {source}: {first_line(exc)}\n"
                             f"  hint: {TOKENIZER_HINT}") from None
 
 
@@ -149,7 +150,7 @@ def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path 
         raise not_plain_checkpoint(_bin_files(path)) from None
     except (OSError, ValueError, KeyError) as exc:
         raise MergelabError(f"cannot load {what} {path} as a {'causal LM' if kind == 'causal' else 'encoder'}: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     model = model.to(device).eval()
     check_vocab(model, loaded_tokenizer, str(path))
     return model, loaded_tokenizer

@@ -6,5 +6,5 @@ from mergelab.cocktail.recipes import RECIPES, CocktailResult, cocktail, cocktai
 from mergelab.cocktail.sweep import alpha_sweep
 from mergelab.cocktail.weights import fewshot_losses, fewshot_weights, load_examples, softmax_weights
 
-__all__ = ["LossOptions", "fewshot_weights", "fewshot_losses", "softmax_weights", "load_examples", "cocktail", "cocktail_config",
-           "CocktailResult", "RECIPES", "alpha_sweep"]
+__all__ = ["LossOptions", "fewshot_weights", "fewshot_losses", "softmax_weights", "load_examples", "cocktail",
+           "cocktail_config", "CocktailResult", "RECIPES", "alpha_sweep"]

@@ -23,7 +23,7 @@ import yaml
 
 from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import RESULT_FIELDS, evaluate_models, write_rows
-from mergelab.loading import check_model_dir
+from mergelab.loading import check_model_dir, first_line
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
 BACKENDS = ("mergelab", "lm-eval", "mteb")
@@ -170,8 +170,8 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[Task | str], *, include_p
                 tasks=list(ours) + names, task_manager=manager, batch_size=batch_size, device=device,
                 limit=limit, log_samples=False, bootstrap_iters=0)
         except OSError as exc:
-            raise MergelabError(f"lm-eval could not run on {model_dir}: {exc} (tasks named without include_path "
-                             f"download their datasets from the Hugging Face Hub)") from None
+            raise MergelabError(f"lm-eval could not run on {model_dir}: {first_line(exc)} (tasks named without "
+                                f"include_path download their datasets from the Hugging Face Hub)") from None
     return lm_eval_rows(results, model_dir, ours)
 
 
@@ -256,7 +256,7 @@ def run_mteb(model_dir: str | Path, tasks: Sequence[Task | str], *, batch_size: 
     try:
         named = list(mteb.get_tasks(tasks=names)) if names else []
     except KeyError as exc:
-        raise MergelabError(f"MTEB does not know task(s) {', '.join(names)}: {exc}") from None
+        raise MergelabError(f"MTEB does not know task(s) {', '.join(names)}: {first_line(exc)}") from None
     mteb_tasks = [_local_retrieval_task(t) for t in ours.values()] + named
     with _quiet():
         model = sentence_transformers.SentenceTransformer(str(model_dir), device=device)
@@ -264,8 +264,9 @@ def run_mteb(model_dir: str | Path, tasks: Sequence[Task | str], *, batch_size: 
             result = mteb.evaluate(model, mteb_tasks, cache=None, encode_kwargs={"batch_size": batch_size},
                                    show_progress_bar=False, co2_tracker=False)
         except OSError as exc:
-            raise MergelabError(f"MTEB could not load a dataset ({exc}); MTEB task names download their data from "
-                             f"the Hugging Face Hub, so they need network access or a filled HF cache") from None
+            raise MergelabError(f"MTEB could not load a dataset ({first_line(exc)}); MTEB task names download their "
+                                f"data from the Hugging Face Hub, so they need network access or a filled HF "
+                                f"cache") from None
     rows = []
     for task_result in result.task_results:
         task_rows = mteb_result_rows(task_result.to_dict(), model_dir)
@@ -322,7 +323,7 @@ def ingest_mteb_results(path: str | Path, model: str | None = None) -> list[dict
         try:
             result = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
-            raise MergelabError(f"{file} is not JSON ({exc})") from None
+            raise MergelabError(f"{file} is not JSON ({first_line(exc)})") from None
         if not isinstance(result, dict) or not isinstance(result.get("scores"), dict) or "task_name" not in result:
             raise MergelabError(f"{file} is not an MTEB result file (it needs 'task_name' and 'scores')")
         meta = file.parent / "model_meta.json"

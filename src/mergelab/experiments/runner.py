@@ -24,6 +24,7 @@ from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, normalized_performance, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
+from mergelab.loading import first_line
 from mergelab.methods import get_method
 
 RESULT_COLUMNS = ("method", "n_experts", "seed", "experts", "task", "category", "split", "score",
@@ -222,7 +223,7 @@ def _execute(spec: GridSpec, cells: list[Cell], models_dir: Path, keep_models: b
             ray.init(address=address, include_dashboard=False, log_to_driver=False) if address else \
                 ray.init(include_dashboard=False, log_to_driver=False)
         except ConnectionError as exc:
-            raise MergelabError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+            raise MergelabError(f"cannot connect to the Ray cluster at {address}: {first_line(exc)}") from None
     try:
         remote = ray.remote(run_cell)
         pending = [remote.remote(spec_data, asdict(cell), str(models_dir.absolute()), keep_models) for cell in cells]
