@@ -295,3 +295,18 @@ def test_normalize_with_weights_summing_to_zero_is_refused_before_merging(world,
                                                      r"'.+' and normalize is on; .*set normalize: false"):
         mergelab.merge(config, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("per_model, match", [
+    (False, r"parameter 'densty' is not used by ties; its parameters are: .* \(did you mean 'density'\?\)"),
+    (True, r"parameter 'wieght' of model '.*/a' is not used by ties; its per-model parameters are: density, "
+           r"weight \(did you mean 'weight'\?\)"),
+])
+def test_a_misspelt_parameter_name_gets_a_suggestion(world, tmp_path, per_model, match):
+    config = {"merge_method": "ties", "base_model": world["base"], "models": [{"model": world["a"]}]}
+    if per_model:
+        config["models"][0]["parameters"] = {"wieght": 2.0}
+    else:
+        config["parameters"] = {"densty": 0.5}
+    with pytest.raises(mergelab.MergelabError, match=match):
+        mergelab.merge(config, tmp_path / "out", quiet=True)

@@ -9,6 +9,7 @@ a temporary directory that is renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -211,16 +212,24 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
     valid = {p.name for p in method.params}
     for name in cfg.parameters:
         if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
             raise MergelabError(
                 f"parameter '{name}' is not used by {method.name}; its parameters are: {', '.join(sorted(valid))}"
+                + (f" (did you mean '{close[0]}'?)" if close else "")
             )
     per_model = {p.name for p in method.params if p.per_model}
     for entry in cfg.models:
         for name in entry.parameters:
-            if name not in per_model:
-                hint = "put it under the top-level parameters" if name in valid else \
-                    f"per-model parameters of {method.name} are: {', '.join(sorted(per_model)) or 'none'}"
-                raise MergelabError(f"parameter '{name}' of model '{entry.model}' is not per-model; {hint}")
+            if name in valid and name not in per_model:
+                raise MergelabError(f"parameter '{name}' of model '{entry.model}' is not per-model; put it under "
+                                    f"the top-level parameters")
+            if name not in valid:
+                close = difflib.get_close_matches(name, per_model, n=1)
+                raise MergelabError(
+                    f"parameter '{name}' of model '{entry.model}' is not used by {method.name}; its per-model "
+                    f"parameters are: {', '.join(sorted(per_model)) or 'none'}"
+                    + (f" (did you mean '{close[0]}'?)" if close else "")
+                )
 
 
 def _locate(ref: str, cfg: MergeConfig) -> Path:
