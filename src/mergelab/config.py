@@ -84,6 +84,13 @@ class MergeOptions:
     quiet: bool = _option(False, "No progress bar.")
     no_model_card: bool = _option(False, "Do not write a README.md model card into OUT_DIR.")
 
+    def __post_init__(self) -> None:
+        types = typing.get_type_hints(type(self))
+        for spec in fields(self):
+            value, expected = getattr(self, spec.name), types[spec.name]
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+                raise MergelabError(f"merge option '{spec.name}' must be {_type_name(expected)}, got {value!r}")
+
     @classmethod
     def from_kwargs(cls, **options: Any) -> MergeOptions:
         """Build the options from keyword arguments, refusing unknown names and wrong types.
@@ -92,16 +99,12 @@ class MergeOptions:
             >>> MergeOptions.from_kwargs(threads=2).threads
             2
         """
-        types = typing.get_type_hints(cls)
         names = [f.name for f in fields(cls)]
-        for name, value in options.items():
+        for name in options:
             if name not in names:
                 close = difflib.get_close_matches(name, names, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise MergelabError(f"unknown merge option '{name}'; {hint}options are: {', '.join(names)}")
-            expected = types[name]
-            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-                raise MergelabError(f"merge option '{name}' must be {_type_name(expected)}, got {value!r}")
         return cls(**options)
 
 
