@@ -1,9 +1,16 @@
 """The merge methods, one registry. Each entry points at the paper its formula comes from.
 
+An entry is all the engine knows about a method: its parameters with their defaults and
+ranges (the only place defaults are stated), whether it needs base_model (or takes the first
+model as the base), how many models it merges, whether it draws random masks, which per-model
+tensor files it reads, and its plan-time rule (``check``). A new method is one entry here.
+
 Example:
+    >>> import torch
     >>> from mergelab.methods import METHODS
-    >>> merged = METHODS["ties"]([expert_a, expert_b], base, weight=[1, 1], density=[0.2, 0.2],
-    ...                          normalize=True, **{"lambda": 1.0})  # doctest: +SKIP
+    >>> base, a, b = torch.zeros(4), torch.tensor([1.0, -2, 3, 0]), torch.tensor([1.0, 2, 1, 0])
+    >>> METHODS["ties"]([a, b], base, density=[1.0, 1.0])  # weight, lambda, normalize: registry defaults
+    tensor([1., 2., 2., 0.])
 """
 
 from __future__ import annotations
