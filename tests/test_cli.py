@@ -126,6 +126,29 @@ def test_methods_command_lists_every_method_with_its_model_count():
     assert "fisher=PATH*" in result.output and "int8_mask=False (ignored)" in result.output
 
 
+def test_readme_method_table_states_the_registry_defaults():
+    """The README restates each method's parameters; the registry is the source, so they must agree."""
+    rows = re.findall(r"^\| `(\w+)` \|[^\n]*\| ([^|\n]*) \| [^|\n]+ \|$", README, flags=re.MULTILINE)
+    assert {name for name, _ in rows} == set(METHODS)
+    for name, cell in rows:
+        stated = {}
+        for token in cell.split(", "):
+            match = re.fullmatch(r"(\w+)(\*?)(?:=(\S+)| \(path\))", token)
+            assert match, (name, token)
+            stated[match[1]] = (match[2] == "*", match[3])
+        params = {p.name: p for p in METHODS[name].params if not p.ignored}
+        assert set(stated) == set(params), name
+        for param_name, (per_model, value) in stated.items():
+            param = params[param_name]
+            assert per_model == param.per_model, (name, param_name)
+            if param.tensor_file:
+                assert value is None, (name, param_name)
+            elif param.kind is bool:
+                assert value == str(param.default).lower(), (name, param_name)
+            else:
+                assert float(value) == param.default, (name, param_name)
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_every_part_and_reports_from_its_own_numbers(tmp_path, monkeypatch):
     import json
