@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.continual import load_spec, run_digits_experiment, run_spec
+from mergelab.continual import load_stream_spec, run_spec
+from mergelab.studies.digits import run_digits_experiment
 from mergelab.continual.stream import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,14 +45,14 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
 
 # -- the spec -----------------------------------------------------------------------------------
 def test_sweeps_expand_into_one_method_each():
-    methods = load_spec(tiny_spec(methods=[{"method": "sfa", "p": [1, 0.25], "beta": [0.3, 0.5]}])).all_methods()
+    methods = load_stream_spec(tiny_spec(methods=[{"method": "sfa", "p": [1, 0.25], "beta": [0.3, 0.5]}])).all_methods()
     assert [(m.p, m.beta) for m in methods] == [(1, 0.3), (1, 0.5), (0.25, 0.3), (0.25, 0.5)]
-    single = load_spec(tiny_spec(methods=[], method="sfa", p=0.25, beta=0.5)).all_methods()
+    single = load_stream_spec(tiny_spec(methods=[], method="sfa", p=0.25, beta=0.5)).all_methods()
     assert [(m.name, m.p, m.beta) for m in single] == [("sfa", 0.25, 0.5)]
 
 
 def test_the_example_spec_is_valid():
-    methods = load_spec(ROOT / "examples" / "sfa_tiny.yml").all_methods()
+    methods = load_stream_spec(ROOT / "examples" / "sfa_tiny.yml").all_methods()
     assert {m.name for m in methods} >= {"sequential", "sfa", "rehearsal", "multitask", "task_arithmetic"}
 
 
@@ -60,7 +61,7 @@ def test_the_example_spec_is_valid():
     ({"methods": [{"method": "sfa", "p": 0}]}, r"SFA p must be in \(0, 1\]"),
     ({"methods": [{"method": "sfa", "p": [0.5, 1.5]}]}, r"SFA p must be in \(0, 1\].*got 1.5"),
     ({"methods": [{"method": "sfa", "beta": 1.5}]}, r"SFA beta must be in \[0, 1\]"),
-    ({"methods": ["finetune"]}, "unknown method 'finetune'"),
+    ({"methods": ["finetune"]}, "unknown continual method 'finetune'"),
     ({"methods": [{"method": "l2", "p": 0.5}]}, "method 'l2' does not use p"),
     ({"methods": [], "p": 0.5}, "no 'method'"),
     ({"methods": []}, "names no method"),
@@ -73,7 +74,7 @@ def test_the_example_spec_is_valid():
 ])
 def test_spec_errors_name_the_problem(overrides, message):
     with pytest.raises(MergelabError, match=message):
-        load_spec(tiny_spec(**overrides))
+        load_stream_spec(tiny_spec(**overrides))
 
 
 def test_task_files_are_checked(tmp_path):
@@ -101,9 +102,7 @@ def test_cli_runs_a_stream_and_writes_json_table_and_plot(tmp_path):
     for run in results["runs"]:
         assert len(run["accuracy_matrix"]) == 2 and len(run["l2_distance"][1]) == 1
         assert {"average_accuracy", "forgetting", "bwt"} <= set(run)
-    assert results["spec"]["methods"][1] == {"method": "sfa", "p": [1.0, 0.5], "beta": 0.5, "lambda": None,
-                                             "fraction": None, "buffer_size": None, "fisher_samples": None,
-                                             "parameters": {}, "label": None}
+    assert results["spec"]["methods"][1] == {"method": "sfa", "p": [1, 0.5], "beta": 0.5}  # as the spec said
     assert "| SFA p=0.5 β=0.5 |" in (out / "results.md").read_text()
     assert (out / "task_plane.png").read_bytes().startswith(PNG)
 
@@ -145,7 +144,7 @@ def test_cli_errors_exit_2_without_a_traceback(tmp_path):
     assert neither.exit_code == 2 and "error: give either a SPEC file or --digits" in neither.output
     bad = runner.invoke(main, ["sfa", str(write_spec(tmp_path, tiny_spec(methods=[{"method": "sfa", "beta": 2}]))),
                                "--out", str(tmp_path / "out")])
-    assert bad.exit_code == 2 and "error: SFA beta must be in [0, 1]" in bad.output
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "stream.yml: SFA beta must be in [0, 1]" in bad.output
     (tmp_path / "taken").mkdir()
     taken = runner.invoke(main, ["sfa", "--digits", "--out", str(tmp_path / "taken")])
     assert taken.exit_code == 2 and "already exists" in taken.output and "Traceback" not in taken.output

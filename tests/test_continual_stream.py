@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mergelab import MergelabError
-from mergelab.continual import Method, Task, TrainSettings, fit, run_stream, snapshot, union
-from mergelab.continual.digits import MLP, digits_harness, split_digits
+from mergelab.continual import Method, StreamTask, TrainSettings, fit, run_stream, snapshot, union
+from mergelab.studies.digits import MLP, digits_harness, split_digits
 from mergelab.continual.stream import StreamRunner, batch_drawer, make_optimizer
 from mergelab.evaluate.continual import average_accuracy, backward_transfer, forgetting
 
@@ -93,7 +93,7 @@ def test_three_tasks_give_a_three_by_three_matrix_and_distances_to_every_earlier
     pixels, labels, _ = digits
     rows = {name: [i for i in range(len(labels)) if labels[i] in group] for name, group in
             (("low", (0, 1)), ("mid", (2,)), ("high", (3, 4)))}
-    tasks = [Task(name, indices[: int(0.7 * len(indices))], indices[int(0.7 * len(indices)):])
+    tasks = [StreamTask(name, indices[: int(0.7 * len(indices))], indices[int(0.7 * len(indices)):])
              for name, indices in rows.items()]
     runner = fresh_runner(digits, tasks, TrainSettings(steps=15, batch_size=16, lr=0.05, optimizer="sgd"))
     for method in (Method("sfa", p=0.5), Method("ewc", lam=10.0), Method("rehearsal", fraction=0.2),
@@ -128,7 +128,7 @@ def test_errors(digits):
     with pytest.raises(MergelabError, match="the task list is empty"):
         run_stream(MLP(), [], Method("sfa"), SETTINGS, harness)
     with pytest.raises(MergelabError, match="task 'x' has no training examples"):
-        run_stream(MLP(), [Task("x", [])], Method("sfa"), SETTINGS, harness)
+        run_stream(MLP(), [StreamTask("x", [])], Method("sfa"), SETTINGS, harness)
     with pytest.raises(MergelabError, match="task names must be unique"):
         run_stream(MLP(), [tasks[0], tasks[0]], Method("sfa"), SETTINGS, harness)
     with pytest.raises(MergelabError, match="unknown continual method 'dropout'"):

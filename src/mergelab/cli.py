@@ -274,11 +274,12 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
 @click.option("--keep-models", is_flag=True, help="Keep each merged model under OUT/models.")
 def grid(spec, demo, out, executor, address, keep_models) -> None:
     """Run a merging grid (method × n_experts × seed) from SPEC.yml, or --demo."""
-    from mergelab.experiments import demo_spec, run_grid
+    from mergelab.experiments import run_grid
 
     if demo == (spec is not None):
         raise MergelabError("give either a SPEC file or --demo (not both)")
     if demo:
+        from mergelab.demo import demo_spec
         from mergelab.demo.world import build_world
 
         spec = demo_spec(build_world())
@@ -334,7 +335,8 @@ def demo(out: Path, quick: bool, quiet: bool) -> None:
 def sfa(spec, digits, out, force, quiet) -> None:
     """Train on the task stream a YAML SPEC describes with SFA and the baselines (or, with
     --digits, run the split-digits experiment); write results.json, results.md and plots."""
-    from mergelab.continual import run_digits_experiment, run_spec
+    from mergelab.continual import run_spec
+    from mergelab.studies.digits import run_digits_experiment
 
     if digits == (spec is not None):
         raise MergelabError("give either a SPEC file or --digits (not both)")

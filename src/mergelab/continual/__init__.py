@@ -4,9 +4,12 @@
 * ``SFACallback``: the same rule as a ``transformers.TrainerCallback``;
 * baselines as small pieces: ``L2Penalty``, ``EWCPenalty`` + ``empirical_fisher``,
   ``Rehearsal``, ``union`` (multitask), ``merge_task_models`` (Task Arithmetic / TIES);
+* ``CONTINUAL_METHODS``: the registry of methods a stream can run (one entry per method);
 * ``run_stream``: a model on a stream of tasks with any of them, accuracy matrix, forgetting,
-  BWT and L2 distances; ``run_spec`` (YAML, causal LMs) and ``run_digits_experiment`` (the
-  paper's Figure 1 on scikit-learn's digits) write tables and plots.
+  BWT and L2 distances; ``run_spec`` (YAML, causal LMs) writes tables and plots.
+
+The split-digits experiment (the paper's Figure 1) is a study above this package:
+``mergelab.studies.digits``.
 
 Example:
     >>> from mergelab.continual import SFA
@@ -15,30 +18,28 @@ Example:
 """
 
 from mergelab.continual.baselines import EWCPenalty, L2Penalty, Rehearsal, empirical_fisher, union
+from mergelab.continual.methods import CONTINUAL_METHODS, ContinualMethod, HyperParam, Method
 from mergelab.continual.posthoc import load_checkpoint, merge_task_models, save_checkpoint
 from mergelab.continual.sfa import SFA, averaging_interval
 from mergelab.continual.state import l2_distance, snapshot
-from mergelab.continual.stream import Harness, Method, Task, TrainSettings, fit, run_stream
+from mergelab.continual.stream import Harness, StreamTask, TrainSettings, run_stream
+from mergelab.lm import fit
 
 
 def __getattr__(name):
-    # transformers, the LM runner and the digits experiment load only when asked for.
+    # transformers and the LM runner load only when asked for.
     if name == "SFACallback":
         from mergelab.continual.callback import SFACallback
 
         return SFACallback
-    if name in ("run_spec", "load_spec"):
+    if name in ("run_spec", "load_stream_spec"):
         from mergelab.continual import lm, spec
 
         return getattr(lm if name == "run_spec" else spec, name)
-    if name in ("run_digits_experiment", "run_split_digits", "DigitsConfig"):
-        from mergelab.continual import digits
-
-        return getattr(digits, name)
     raise AttributeError(f"module 'mergelab.continual' has no attribute '{name}'")
 
 
 __all__ = ["SFA", "SFACallback", "L2Penalty", "EWCPenalty", "empirical_fisher", "Rehearsal", "union",
            "merge_task_models", "save_checkpoint", "load_checkpoint", "averaging_interval", "l2_distance",
-           "snapshot", "Harness", "Method", "Task", "TrainSettings", "fit", "run_stream", "run_spec", "load_spec",
-           "run_digits_experiment", "run_split_digits", "DigitsConfig"]
+           "snapshot", "CONTINUAL_METHODS", "ContinualMethod", "HyperParam", "Method", "Harness", "StreamTask",
+           "TrainSettings", "fit", "run_stream", "run_spec", "load_stream_spec"]

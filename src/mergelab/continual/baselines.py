@@ -33,6 +33,13 @@ def check_strength(lam, name: str) -> float:
     return float(lam)
 
 
+def check_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise MergelabError(f"rehearsal fraction must be in (0, 1) (share of each batch from old tasks), "
+                            f"got {fraction!r}")
+    return float(fraction)
+
+
 def _trainable_pairs(model: torch.nn.Module, anchor: StateDict, what: str
                      ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, parameter, anchor copy on the parameter's device) for each trainable parameter."""
@@ -80,7 +87,8 @@ class EWCPenalty:
         for name, tensor, anchor_tensor in _trainable_pairs(model, load_state(anchor), "the EWC anchor"):
             fisher_name = next((n for n in names_of[storage_key(tensor)] if n in fisher), None)
             if fisher_name is None:
-                raise MergelabError(f"the Fisher lacks parameter '{name}'; estimate it on this model (empirical_fisher)")
+                raise MergelabError(f"the Fisher lacks parameter '{name}'; estimate it on this model "
+                                    f"(empirical_fisher)")
             weight = fisher[fisher_name]
             if tuple(weight.shape) != tuple(tensor.shape):
                 raise MergelabError(f"the Fisher's tensor '{fisher_name}' has shape {tuple(weight.shape)}, the model's "
@@ -131,12 +139,9 @@ class Rehearsal:
 
     def __init__(self, old_examples: Sequence[Any], fraction: float = 0.1, buffer_size: int | None = None,
                  seed: int = 0):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise MergelabError(f"rehearsal fraction must be in (0, 1) (share of each batch from old tasks), "
-                             f"got {fraction!r}")
+        self.fraction = check_fraction(fraction)
         if not old_examples:
             raise MergelabError("rehearsal needs old-task examples; the buffer is empty")
-        self.fraction = float(fraction)
         self.buffer = list(old_examples)
         if buffer_size is not None and buffer_size < len(self.buffer):
             self.buffer = random.Random(seed).sample(self.buffer, buffer_size)

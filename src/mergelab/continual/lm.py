@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 import torch
 
-from mergelab.continual.report import markdown_table, save_plane_figure, write_json, write_outputs
-from mergelab.continual.spec import StreamSpec, TaskSpec, load_spec
-from mergelab.continual.stream import Harness, Task, run_stream
+from mergelab.continual.report import plane_panels, save_plane_figure, stream_table, write_json, write_outputs
+from mergelab.continual.spec import StreamSpec, TaskSpec, load_stream_spec
+from mergelab.continual.stream import Harness, StreamTask, run_stream
 from mergelab.devices import check_device
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
 from mergelab.lm import SKILLS, answer_accuracy, build_tokenizer, causal_lm_loss, encode, make_examples, tiny_llama
 
-Evaluator = Callable[[torch.nn.Module, Any, list[Task]], dict[str, float]]
+Evaluator = Callable[[torch.nn.Module, Any, list[StreamTask]], dict[str, float]]
 
 
 def read_examples(path: str | Path) -> list[dict[str, str]]:
@@ -45,51 +45,53 @@ def read_examples(path: str | Path) -> list[dict[str, str]]:
     return [{"input": item["input"], "output": item["output"]} for item in items]
 
 
-def load_task(spec: StreamSpec, task: TaskSpec, index: int) -> Task:
+def load_task(spec: StreamSpec, task: TaskSpec, index: int) -> StreamTask:
     if task.demo is not None:
         if task.demo not in SKILLS:
             raise MergelabError(f"task '{task.name}': demo skill '{task.demo}' is unknown; choose one of: "
                                 f"{', '.join(SKILLS)}")
-        return Task(task.name, make_examples(task.demo, task.train_size, spec.seed + index),
+        return StreamTask(task.name, make_examples(task.demo, task.train_size, spec.seed + index),
                     make_examples(task.demo, task.eval_size, spec.seed + index + 1000))
     if task.train is not None:
         if task.eval is None:
             raise MergelabError(f"task '{task.name}' has train but no eval file; add eval: (or use data: with "
                              f"eval_fraction)")
-        return Task(task.name, read_examples(spec.resolve(task.train)), read_examples(spec.resolve(task.eval)))
+        return StreamTask(task.name, read_examples(spec.resolve(task.train)), read_examples(spec.resolve(task.eval)))
     examples = read_examples(spec.resolve(task.data))
     random.Random(f"{spec.seed}:{task.name}").shuffle(examples)
     held_out = max(1, round(task.eval_fraction * len(examples)))
     if held_out >= len(examples):
         raise MergelabError(f"task '{task.name}': {len(examples)} examples are too few to hold out "
                          f"{task.eval_fraction:.0%} for evaluation")
-    return Task(task.name, examples[held_out:], examples[:held_out])
+    return StreamTask(task.name, examples[held_out:], examples[:held_out])
 
 
 def load_model(spec: StreamSpec):
-    """(model, tokenizer): the demo's tiny Llama for ``model: tiny``, else a local HF directory."""
+    """(model, tokenizer): the tiny Llama of ``mergelab.lm`` for ``model: tiny``, else a local HF
+    causal-LM directory (through ``mergelab.loading``, the one model loader)."""
     if spec.model == "tiny":
         return tiny_llama(seed=spec.seed), build_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mergelab.loading import load_model as load_causal_lm
 
     path = spec.resolve(spec.model)
     if not path.is_dir():
         raise MergelabError(f"model '{spec.model}' is neither 'tiny' nor a local model directory; check the path")
-    tokenizer = AutoTokenizer.from_pretrained(spec.resolve(spec.tokenizer) if spec.tokenizer else path)
+    model, tokenizer = load_causal_lm(path, "causal", tokenizer=spec.resolve(spec.tokenizer) if spec.tokenizer
+                                      else None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise MergelabError(f"the tokenizer of '{spec.model}' needs BOS and EOS tokens to frame the examples")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+    return model, tokenizer
 
 
-def make_evaluator(tokenizer, tasks: list[Task], batch_size: int = 64) -> Callable[[torch.nn.Module, int], dict]:
+def make_evaluator(tokenizer, tasks: list[StreamTask], batch_size: int = 64) -> Callable[[torch.nn.Module, int], dict]:
     """The stream's evaluator: answer-token accuracy on every task's eval examples."""
     return lambda model, stage: {task.name: answer_accuracy(model, tokenizer, list(task.eval), batch_size)
                                  for task in tasks}
 
 
-def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[Task]) -> Evaluator:
+def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[StreamTask]) -> Evaluator:
     """``mergelab.evaluate`` on the spec's ``evaluation`` tasks file, one task per stream task."""
     from mergelab.evaluate import evaluate_model, load_tasks
 
@@ -106,7 +108,8 @@ def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[Task]) -> Evaluator:
     return lambda model, tokenizer, _: evaluate_model(model, tokenizer, chosen, batch_size=spec.eval_batch_size)
 
 
-def lm_harness(tokenizer, tasks: list[Task], device: str, evaluate: Callable[[torch.nn.Module, int], dict]) -> Harness:
+def lm_harness(tokenizer, tasks: list[StreamTask], device: str,
+               evaluate: Callable[[torch.nn.Module, int], dict]) -> Harness:
     return Harness(
         loss=causal_lm_loss,
         collate=lambda examples: {k: v.to(device) for k, v in encode(tokenizer, examples).items()},
@@ -130,7 +133,7 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
     """
     from mergelab.io import check_output_dir
 
-    spec = load_spec(spec_source)
+    spec = load_stream_spec(spec_source)
     check_output_dir(out_dir, force)  # fail before training, not after
     log = (lambda _: None) if quiet else print
     started = time.perf_counter()
@@ -153,16 +156,13 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
         torch.set_num_threads(threads)
     result["spec"] = spec.model_dump(mode="json", by_alias=True, exclude={"source_dir"})
     result["seconds"] = time.perf_counter() - started
-    sweeps_beta = len({run["method"].get("beta") for run in result["runs"] if run["method"]["name"] == "sfa"}) > 1
-    panels = [("p", "SFA over p (one curve per β)")]
-    if sweeps_beta:
-        panels.append(("beta", "SFA over β (one curve per p)"))
+    panels = plane_panels(result["runs"])
     write_outputs(out_dir, {
         "results.json": write_json(result),
         "results.md": lambda path: path.write_text(f"# Task stream: {' → '.join(result['tasks'])}\n\n"
-                                                   + markdown_table(result)),
+                                                   + stream_table(result)),
         "task_plane.png": lambda path: save_plane_figure(path, result, panels, f"{spec.model}: task plane"),
     }, force)
-    log(markdown_table(result))
+    log(stream_table(result))
     log(f"done in {result['seconds']:.0f} s; results in {out_dir}")
     return Path(out_dir)

@@ -34,7 +34,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     restore(model, load_state(Path(directory)))
 
 
-def merge_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], parameters: dict[str, Any] | None = None
+def posthoc_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], parameters: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
     """The mergekit-style config of a post-hoc baseline.
 
@@ -57,4 +57,4 @@ def merge_task_models(method: str, base_dir: Path, expert_dirs: Sequence[Path], 
     """Merge per-task checkpoints (each fine-tuned from ``base_dir``) with the merge core."""
     from mergelab import merge
 
-    return merge(merge_config(method, base_dir, expert_dirs, parameters), out_dir, force=True, quiet=True)
+    return merge(posthoc_config(method, base_dir, expert_dirs, parameters), out_dir, force=True, quiet=True)

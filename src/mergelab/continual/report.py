@@ -10,13 +10,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from mergelab.continual.methods import CONTINUAL_METHODS, ContinualMethod
 from mergelab.io import atomic_directory
 
-# Marker and colour of the single points, after the paper's figures.
-POINTS = {"sequential": ("o", "red"), "multitask": ("*", "black"), "rehearsal": ("D", "hotpink"),
-          "task_arithmetic": ("s", "tab:blue"), "ties": ("^", "tab:green")}
-CURVES = {"l2": ("--", "tab:green"), "ewc": (":", "tab:red")}
-SFA_COLORS = ["tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:gray", "tab:pink"]
+# Colours of the curves of a method whose registry entry gives none (one per curve).
+CURVE_COLORS = ["tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:gray", "tab:pink"]
 
 
 def write_outputs(out_dir: str | Path, writers: dict[str, Callable[[Path], None]], force: bool = False) -> Path:
@@ -45,7 +43,7 @@ def _finite(value: Any) -> Any:
 
 
 # -- tables ------------------------------------------------------------------------------------
-def markdown_table(result: dict[str, Any]) -> str:
+def stream_table(result: dict[str, Any]) -> str:
     """One row per run: final score per task (± std over seeds when known), average accuracy,
     average forgetting, BWT, L2 distance of the final model to the previous stage's, seconds."""
     tasks = result["tasks"]
@@ -75,55 +73,77 @@ def plane_point(result: dict[str, Any], scores: list[float]) -> tuple[float, flo
     return scores[-1], sum(earlier) / len(earlier)
 
 
-def _curves(runs: list[dict[str, Any]], sfa_vary: str) -> dict[str, list[tuple[float, str, dict]]]:
-    """Runs grouped into curves: SFA by the fixed parameter (varying ``sfa_vary``), L2 and EWC
-    over λ. Values: (sort key, annotation, run)."""
-    curves: dict[str, list] = defaultdict(list)
+def _entry(run: dict[str, Any]) -> ContinualMethod:
+    return CONTINUAL_METHODS[run["method"]["name"]]
+
+
+def plane_panels(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(parameter to vary, title) per panel: for each method with several sweep parameters that
+    ran, its first one, and each other one that takes more than one value among ``runs``."""
+    panels = []
+    for entry in CONTINUAL_METHODS.values():
+        mine = [run for run in runs if run["method"]["name"] == entry.name]
+        if len(entry.sweeps) < 2 or not mine:
+            continue
+        for number, param in enumerate(entry.sweeps):
+            if number == 0 or len({run["method"][param.name] for run in mine}) > 1:
+                others = ", ".join(p.label for p in entry.sweeps if p is not param)
+                panels.append((param.name, f"{entry.short} over {param.label} (one curve per {others})"))
+    return panels or [(next(e for e in CONTINUAL_METHODS.values() if e.sweeps).sweeps[0].name, "task plane")]
+
+
+def _curves(runs: list[dict[str, Any]], vary: str) -> dict[str, tuple[ContinualMethod, list[tuple[float, str, dict]]]]:
+    """Runs of the methods with sweep parameters grouped into curves: a method with one sweep
+    parameter is one curve over it; one with several is one curve over ``vary`` per value of
+    the others. Values: (entry, [(sort key, annotation, run)])."""
+    curves: dict[str, tuple[ContinualMethod, list]] = {}
     for run in runs:
-        method = run["method"]
-        if method["name"] == "sfa":
-            fixed = "beta" if sfa_vary == "p" else "p"
-            symbol = {"beta": "β", "p": "p"}
-            key = f"SFA {symbol[fixed]}={method[fixed]:g}"
-            curves[key].append((method[sfa_vary], f"{symbol[sfa_vary]}={method[sfa_vary]:g}", run))
-        elif method["name"] in ("l2", "ewc"):
-            curves[method["name"].upper()].append((method["lam"], f"λ={method['lam']:g}", run))
+        entry, values = _entry(run), run["method"]
+        sweeps = entry.sweeps
+        if not sweeps or (len(sweeps) > 1 and entry.param(vary) not in sweeps):
+            continue
+        over = sweeps[0] if len(sweeps) == 1 else entry.param(vary)
+        fixed = " ".join(f"{p.label}={values[p.name]:g}" for p in sweeps if p is not over)
+        key = f"{entry.short} {fixed}".strip()
+        curves.setdefault(key, (entry, []))[1].append((values[over.name], f"{over.label}={values[over.name]:g}", run))
     return curves
 
 
-def plot_task_plane(ax, result: dict[str, Any], sfa_vary: str = "p", title: str | None = None) -> None:
-    """Draw one panel: curves for SFA (one per fixed β or p), L2 and EWC, points for the rest."""
+def plot_task_plane(ax, result: dict[str, Any], vary: str = "p", title: str | None = None) -> None:
+    """Draw one panel: curves for the swept methods (SFA one per fixed β or p, L2 and EWC over λ),
+    points for the rest."""
     tasks = result["tasks"]
     initial = [result["initial"][t] for t in tasks]
     x, y = plane_point(result, initial)
     ax.scatter([x], [y], marker="o", color="navy", s=60, zorder=3, label="after task 1")
-    curves = _curves(result["runs"], sfa_vary)
-    longest = max((len(m) for k, m in curves.items() if k.startswith("SFA")), default=0)
-    sfa_curves = 0
-    for key, members in curves.items():
-        if key.startswith("SFA"):
-            if len(members) < max(2, longest):  # only the sweeps this panel is about
+    curves = _curves(result["runs"], vary)
+    longest = {}  # per several-parameter method: its longest curve in this panel
+    for entry, members in curves.values():
+        if len(entry.sweeps) > 1:
+            longest[entry.name] = max(longest.get(entry.name, 0), len(members))
+    palette = 0
+    for key, (entry, members) in curves.items():
+        if entry.name in longest:
+            if len(members) < max(2, longest[entry.name]):  # only the sweeps this panel is about
                 continue
-            style, color = "-", SFA_COLORS[sfa_curves % len(SFA_COLORS)]
-            sfa_curves += 1
-        else:
-            style, color = CURVES[key.lower()]
+        color = entry.color
+        if color is None:
+            color = CURVE_COLORS[palette % len(CURVE_COLORS)]
+            palette += 1
         members.sort(key=lambda member: member[0])
         points = [plane_point(result, run["accuracy_matrix"][-1]) for _, _, run in members]
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=".", color=color, label=key)
+        ax.plot([p[0] for p in points], [p[1] for p in points], entry.line, marker=".", color=color, label=key)
         for (px, py), (_, note, _) in zip(points, members):
             ax.annotate(note, (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
-    for run in result["runs"]:  # no SFA sweep at all: SFA settings as single points
-        if run["method"]["name"] == "sfa" and longest < 2:
-            px, py = plane_point(result, run["accuracy_matrix"][-1])
-            ax.scatter([px], [py], marker="o", s=25, facecolors="none", edgecolors="tab:orange", zorder=3)
-            ax.annotate(run["label"], (px, py), fontsize=6, xytext=(3, -8), textcoords="offset points",
-                        color="tab:orange")
     for run in result["runs"]:
-        if run["method"]["name"] in POINTS:
-            marker, color = POINTS[run["method"]["name"]]
-            px, py = plane_point(result, run["accuracy_matrix"][-1])
-            ax.scatter([px], [py], marker=marker, color=color, s=70, zorder=3, label=run["label"])
+        entry = _entry(run)
+        px, py = plane_point(result, run["accuracy_matrix"][-1])
+        if len(entry.sweeps) > 1 and longest.get(entry.name, 0) < 2:  # no sweep at all: single points
+            ax.scatter([px], [py], marker="o", s=25, facecolors="none", edgecolors=CURVE_COLORS[0], zorder=3)
+            ax.annotate(run["label"], (px, py), fontsize=6, xytext=(3, -8), textcoords="offset points",
+                        color=CURVE_COLORS[0])
+        elif not entry.sweeps:
+            ax.scatter([px], [py], marker=entry.marker, color=entry.color, s=70, zorder=3, label=run["label"])
     earlier = tasks[0] if len(tasks) == 2 else f"mean of {', '.join(tasks[:-1])}"
     ax.set_xlabel(f"{tasks[-1]} score (last task)")
     ax.set_ylabel(f"{earlier} score")
@@ -138,12 +158,12 @@ def plot_task_plane(ax, result: dict[str, Any], sfa_vary: str = "p", title: str 
 
 
 def save_plane_figure(path: Path, result: dict[str, Any], panels: list[tuple[str, str]], suptitle: str = "") -> None:
-    """A PNG with one task-plane panel per (sfa_vary, title)."""
+    """A PNG with one task-plane panel per (parameter to vary, title)."""
     from mergelab.plots import new_figure, save_figure
 
     fig, axes = new_figure(len(panels), (5.2 * len(panels), 4.8))
-    for ax, (sfa_vary, title) in zip(axes, panels):
-        plot_task_plane(ax, result, sfa_vary, title)
+    for ax, (vary, title) in zip(axes, panels):
+        plot_task_plane(ax, result, vary, title)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     save_figure(fig, path, dpi=130)

@@ -16,6 +16,8 @@ how to train. Validated where it arrives; every problem is a MergelabError namin
     steps: 100                  # optimizer steps per task (or one number per task)
 
 A single method may also be given at the top level: ``method: sfa``, ``p: 0.25``, ``beta: 0.5``.
+Which keys a method takes, and which of them a list sweeps, is its registry entry's
+(``mergelab.continual.methods``).
 
 Scores default to answer-token accuracy on each task's eval examples; ``evaluation:
 tasks.yml`` scores with ``mergelab.evaluate`` instead (one task per stream task name,
@@ -30,11 +32,12 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergelab.continual.stream import METHOD_NAMES, Method, TrainSettings
 from mergelab.config import read_yaml_mapping
+from mergelab.continual.methods import CONTINUAL_METHODS, Method, continual_method, unused_parameter
+from mergelab.continual.stream import TrainSettings
 from mergelab.errors import MergelabError
 
-Number = Union[float, list[float]]
+MethodEntry = Union[str, dict[str, Any]]  # a method name, or {method: name, label: ..., its parameters}
 
 
 class TaskSpec(BaseModel):
@@ -49,29 +52,12 @@ class TaskSpec(BaseModel):
     eval_size: int = Field(100, ge=1)
 
 
-class MethodSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    method: str
-    p: Number | None = None
-    beta: Number | None = None
-    lam: Number | None = Field(None, alias="lambda")
-    fraction: float | None = None
-    buffer_size: int | None = None
-    fisher_samples: int | None = None
-    parameters: dict[str, Any] = {}  # task_arithmetic / ties: merge parameters
-    label: str | None = None
-
-
 class StreamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     model: str = "tiny"
     tokenizer: str | None = None
     tasks: list[TaskSpec]
-    methods: list[Union[str, MethodSpec]] = []
-    method: str | None = None
-    p: Number | None = None
-    beta: Number | None = None
-    lam: Number | None = Field(None, alias="lambda")
+    methods: list[MethodEntry] = []
     steps: Union[int, list[int]] = 100
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -94,43 +80,51 @@ class StreamSpec(BaseModel):
         return candidate
 
     def all_methods(self) -> list[Method]:
-        """Every method of the spec, sweeps (lists of p, beta, lambda) expanded."""
-        entries = [MethodSpec(method=m) if isinstance(m, str) else m for m in self.methods]
-        if self.method is not None:
-            entries.insert(0, MethodSpec(method=self.method, p=self.p, beta=self.beta, lam=self.lam))
-        elif any(v is not None for v in (self.p, self.beta, self.lam)):
-            raise MergelabError("the spec sets p, beta or lambda at the top level but no 'method'; add method: sfa "
-                             "(or move them under an entry of 'methods')")
-        if not entries:
+        """Every method of the spec, sweeps (lists of a sweep parameter, e.g. p, beta, lambda) expanded."""
+        if not self.methods:
             raise MergelabError("the spec names no method; add e.g. 'method: sfa' or a 'methods:' list")
-        methods = []
-        for entry in entries:
-            if entry.method not in METHOD_NAMES:
-                raise MergelabError(f"unknown method '{entry.method}' in the spec; choose one of: "
-                                 f"{', '.join(METHOD_NAMES)}")
-            for key, owners in (("p", ("sfa",)), ("beta", ("sfa",)), ("lam", ("l2", "ewc"))):
-                if getattr(entry, key) is not None and entry.method not in owners:
-                    name = "lambda" if key == "lam" else key
-                    raise MergelabError(f"method '{entry.method}' does not use {name} (only {' and '.join(owners)} do); "
-                                     f"remove it or change the method")
-            sweep = {key: value if isinstance(value, list) else [value]
-                     for key, value in (("p", entry.p), ("beta", entry.beta), ("lam", entry.lam)) if value is not None}
-            for combination in itertools.product(*sweep.values()):
-                values = dict(zip(sweep, combination))
-                extra = {k: v for k, v in (("fraction", entry.fraction), ("buffer_size", entry.buffer_size),
-                                           ("fisher_samples", entry.fisher_samples)) if v is not None}
-                methods.append(Method(entry.method, **values, **extra, merge_parameters=dict(entry.parameters),
-                                      label=entry.label).check())
-        return methods
+        return [method for entry in self.methods for method in expand_method(entry)]
 
 
-def load_spec(source: str | Path | dict) -> StreamSpec:
+def expand_method(entry: MethodEntry) -> list[Method]:
+    """One spec entry as its runs: one ``Method`` per combination of the swept values."""
+    entry = {"method": entry} if isinstance(entry, str) else dict(entry)
+    name = entry.pop("method", None)
+    if not isinstance(name, str):
+        raise MergelabError(f"a method entry needs 'method: NAME' (one of {', '.join(CONTINUAL_METHODS)}); "
+                            f"got {entry}")
+    registered = continual_method(name)
+    label = entry.pop("label", None)
+    for key in entry:
+        if registered.param(key) is None:
+            raise unused_parameter(name, key)
+    swept = {key: value for key, value in entry.items() if registered.param(key).sweep and isinstance(value, list)}
+    fixed = {key: value for key, value in entry.items() if key not in swept}
+    ordered = [p.spec_key for p in registered.params if p.spec_key in swept]  # the registry's order
+    return [Method(name, label=label, **fixed, **dict(zip(ordered, values)))
+            for values in itertools.product(*(swept[key] for key in ordered))]
+
+
+def _top_level_method(source: dict[str, Any]) -> dict[str, Any]:
+    """``method: sfa`` with its parameters at the top level, moved into the methods list."""
+    keys = {p.spec_key for m in CONTINUAL_METHODS.values() for p in m.params} | {"label"}
+    given = {key: source.pop(key) for key in list(source) if key in keys}
+    if "method" in source:
+        source["methods"] = [{"method": source.pop("method"), **given}, *source.get("methods", [])]
+    elif given:
+        raise MergelabError(f"the spec sets {', '.join(given)} at the top level but no 'method'; add method: sfa "
+                            f"(or move them under an entry of 'methods')")
+    return source
+
+
+def load_stream_spec(source: str | Path | dict) -> StreamSpec:
     """Parse and validate a spec from a YAML file path or a dict."""
     source, where, source_dir = read_yaml_mapping(source, "the SFA spec",
                                                   "at least 'tasks' and 'method' or 'methods'")
     if not source.get("tasks"):
         raise MergelabError(f"{where}: the task list is empty; list at least one task under 'tasks' "
                          f"(each with name and train/eval files, data, or demo)")
+    source = _top_level_method(dict(source))
     try:
         spec = StreamSpec.model_validate({**source, "source_dir": source_dir})
     except ValidationError as exc:
@@ -150,5 +144,8 @@ def load_spec(source: str | Path | dict) -> StreamSpec:
         if len(given) != 1:
             raise MergelabError(f"{where}: task '{task.name}' needs exactly one of train (+ eval), data, or demo; "
                              f"got {given or 'none'}")
-    spec.all_methods()  # check the methods now, before any training
+    try:
+        spec.all_methods()  # check the methods now, before any training
+    except MergelabError as exc:
+        raise MergelabError(f"{where}: {exc}") from None
     return spec

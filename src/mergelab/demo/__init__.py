@@ -72,6 +72,25 @@ def sfa_lm_spec(world, out: Path, steps: int = 150) -> dict:
     }
 
 
+def demo_spec(world, n_experts=(2, 4), seeds=(0, 1)):
+    """The built-in grid over the demo world (``mergelab grid --demo``): averaging, task
+    arithmetic, TIES and DARE-TIES."""
+    from mergelab.experiments import GridSpec
+
+    return GridSpec(
+        base=str(world.base),
+        experts=[{"name": name, "model": str(path), "task": name} for name, path in world.experts.items()],
+        methods=[
+            {"name": "averaging", "merge_method": "linear"},
+            {"name": "task_arithmetic", "merge_method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+            {"name": "ties", "merge_method": "ties", "parameters": {"density": 0.5, "lambda": 1.0}},
+            {"name": "dare_ties", "merge_method": "dare_ties", "parameters": {"density": 0.5, "lambda": 1.0}},
+        ],
+        n_experts=list(n_experts), seeds=list(seeds), tasks=str(world.tasks_file("test")),
+        multitask=str(world.multitask), batch_size=64,
+    )
+
+
 QUICK_WORLD = dict(train_examples=300, validation_examples=100, test_examples=40, base_steps=60, expert_steps=25,
                    multitask_steps=60, hidden=32, layers=2, intermediate=64)
 
@@ -85,15 +104,17 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
     """
     from transformers.utils import logging as hf_logging
 
-    from mergelab.continual import run_digits_experiment, run_spec
-    from mergelab.demo.report import write_report
+    from mergelab.continual import run_spec
+    from mergelab.demo.report import write_demo_report
     from mergelab.demo.studies import cocktail_study, every_method_study
     from mergelab.demo.world import build_world
-    from mergelab.experiments import demo_spec, run_grid
+    from mergelab.experiments import run_grid
+    from mergelab.outdir import check_output_dir
+    from mergelab.studies.digits import run_digits_experiment
 
     hf_logging.disable_progress_bar()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, force=True)  # the demo writes into an existing directory; a file or an
+    out.mkdir(parents=True, exist_ok=True)   # unwritable place is refused here, before any work
     log: Callable[[str], None] = (lambda *_: None) if quiet else print
     results: dict = {"seconds": {}}
     started = time.perf_counter()
@@ -141,6 +162,6 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
 
     results["seconds"]["total"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    write_report(results, out)
+    write_demo_report(results, out)
     log(f"\nreport: {out / 'report.md'} ({results['seconds']['total']:.0f} s in all)")
     return results

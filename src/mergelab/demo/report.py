@@ -10,7 +10,7 @@ from mergelab.demo.tasks import WORLD_TASKS
 TOLERANCE = 0.05  # ε of the LM-Cocktail paper's conditions C1/C2, in accuracy points
 
 
-def verdict(ok: bool | None, partly: bool = False) -> str:
+def claim_verdict(ok: bool | None, partly: bool = False) -> str:
     if ok is None:
         return "not tested"
     return "reproduced" if ok else ("partly" if partly else "not reproduced")
@@ -80,19 +80,19 @@ def cocktail_verdicts(study: dict) -> list[str]:
 
     return [
         f"- Fine-tuning makes a model forget other tasks (others, base→expert: {numbers('base', 'expert', 'others')}): "
-        f"**{verdict(all(forgot), any(forgot))}** ({sum(forgot)}/{n} targets).",
+        f"**{claim_verdict(all(forgot), any(forgot))}** ({sum(forgot)}/{n} targets).",
         f"- LM-Cocktail keeps the target within ε={TOLERANCE} of the expert (target, expert→cocktail: "
-        f"{numbers('expert', 'cocktail', 'target')}): **{verdict(all(kept), any(kept))}** ({sum(kept)}/{n}).",
+        f"{numbers('expert', 'cocktail', 'target')}): **{claim_verdict(all(kept), any(kept))}** ({sum(kept)}/{n}).",
         f"- ... while recovering the other tasks (others, expert→cocktail: {numbers('expert', 'cocktail', 'others')}): "
-        f"**{verdict(all(general), any(general))}** ({sum(general)}/{n}).",
+        f"**{claim_verdict(all(general), any(general))}** ({sum(general)}/{n}).",
         f"- Mono-specialist (α=0.5 with the base) also recovers general ability and keeps a gain on the target "
-        f"(others, expert→mono: {numbers('expert', 'mono', 'others')}): **{verdict(all(mono), any(mono))}** "
+        f"(others, expert→mono: {numbers('expert', 'mono', 'others')}): **{claim_verdict(all(mono), any(mono))}** "
         f"({sum(mono)}/{n}).",
         f"- Five examples are enough for the weights (5-example target within ε of the best of 5/50/100): "
-        f"**{verdict(all(five), any(five))}** ({sum(five)}/{n}).",
+        f"**{claim_verdict(all(five), any(five))}** ({sum(five)}/{n}).",
         f"- Lowering α from 1 to 0.5 raises the other tasks without losing the target (Figure 1; target "
         f"{at[1.0]['target']:.2f}→{at[0.5]['target']:.2f}, others {at[1.0]['others']:.2f}→{at[0.5]['others']:.2f}): "
-        f"**{verdict(sweep_ok)}**.",
+        f"**{claim_verdict(sweep_ok)}**.",
     ]
 
 
@@ -114,24 +114,25 @@ def grid_section(summary: dict, table: str) -> tuple[list[str], list[str]]:
     verdicts = [
         f"- More experts → better held-out generalization (held-out, n={low}→{high}: "
         + ", ".join(f"{m} {get(m, low, 'held_out'):.2f}→{get(m, high, 'held_out'):.2f}" for m in cells)
-        + f"): **{verdict(all(grows.values()), any(grows.values()))}** ({sum(grows.values())}/{len(grows)} methods).",
+        + f"): **{claim_verdict(all(grows.values()), any(grows.values()))}** "
+          f"({sum(grows.values())}/{len(grows)} methods).",
         f"- Merged models stay below their experts on held-in tasks (normalized held-in at n={high}: "
-        + ", ".join(f"{m} {v:.2f}" for m, v in held_in_high.items()) + f"): **{verdict(below_experts)}**.",
+        + ", ".join(f"{m} {v:.2f}" for m, v in held_in_high.items()) + f"): **{claim_verdict(below_experts)}**.",
         f"- Methods perform alike as experts grow (spread of held-in at n={high}: {spread:.2f}; "
-        f"'alike' if ≤ 0.10): **{verdict(spread <= 0.10, spread <= 0.2)}**.",
+        f"'alike' if ≤ 0.10): **{claim_verdict(spread <= 0.10, spread <= 0.2)}**.",
     ]
     if multitask:
         verdicts.append(
             f"- Merging can match multitask training on held-out tasks (best merged held-out {best_out:.2f} vs "
             f"multitask {multitask.get('held_out', float('nan')):.2f}): "
-            f"**{verdict(best_out >= multitask.get('held_out', float('inf')) - TOLERANCE)}**.")
+            f"**{claim_verdict(best_out >= multitask.get('held_out', float('inf')) - TOLERANCE)}**.")
     verdicts.append("- Larger and instruction-tuned base models merge better: **not tested** (one tiny model size "
                     "and one base here).")
     return lines, verdicts
 
 
 def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
-    from mergelab.continual.report import markdown_table
+    from mergelab.continual.report import stream_table
 
     tasks = result["tasks"]
     runs = {run["label"]: run for run in result["runs"]}
@@ -141,7 +142,7 @@ def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
     sequential = next((final[label] for label in final if kind[label] == "sequential"), None)
     sfa_labels = [label for label in final if kind[label] == "sfa"]
     lines = [f"Stream: {' → '.join(tasks)} on the demo world's base model; scores are test accuracy "
-             f"(rank classification).", "", markdown_table(result), "![task plane](sfa-lm/task_plane.png)"]
+             f"(rank classification).", "", stream_table(result), "![task plane](sfa-lm/task_plane.png)"]
     verdicts = []
     if sequential and sfa_labels:
         kept = [label for label in sfa_labels if final[label][old] > sequential[old]]
@@ -149,32 +150,33 @@ def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
         verdicts.append(
             f"- SFA forgets less than sequential fine-tuning (old task '{tasks[old]}' at the end: sequential "
             f"{sequential[old]:.2f}, " + ", ".join(f"{l} {final[l][old]:.2f}" for l in sfa_labels)
-            + f"): **{verdict(len(kept) == len(sfa_labels), bool(kept))}** ({len(kept)}/{len(sfa_labels)} settings).")
+            + f"): **{claim_verdict(len(kept) == len(sfa_labels), bool(kept))}** "
+              f"({len(kept)}/{len(sfa_labels)} settings).")
         verdicts.append(
             f"- ... while still learning the new task '{tasks[new]}' (within 0.1 of sequential's "
             f"{sequential[new]:.2f}: " + ", ".join(f"{l} {final[l][new]:.2f}" for l in sfa_labels)
-            + f"): **{verdict(len(learnt) == len(sfa_labels), bool(learnt))}**.")
+            + f"): **{claim_verdict(len(learnt) == len(sfa_labels), bool(learnt))}**.")
         by_p = sorted(((runs[l]["method"].get("p", 1.0), final[l][old]) for l in sfa_labels), reverse=True)
         monotone = all(b[1] >= a[1] - 0.02 for a, b in zip(by_p, by_p[1:]))
         verdicts.append("- Averaging more often (smaller p) keeps more of the old task (old-task score by p: "
-                        + ", ".join(f"p={p:g}: {s:.2f}" for p, s in by_p) + f"): **{verdict(monotone)}**.")
+                        + ", ".join(f"p={p:g}: {s:.2f}" for p, s in by_p) + f"): **{claim_verdict(monotone)}**.")
     averages = {label: run["average_accuracy"] for label, run in runs.items()}
     best_sfa = max((averages[l] for l in sfa_labels), default=None)
     penalties = {l: a for l, a in averages.items() if kind[l] in ("l2", "ewc")}
     if best_sfa is not None and penalties:
         ok = best_sfa >= max(penalties.values()) - 0.005
         verdicts.append(f"- SFA matches or beats the L2/EWC penalties (average accuracy: best SFA {best_sfa:.3f}; "
-                        + ", ".join(f"{l} {a:.3f}" for l, a in penalties.items()) + f"): **{verdict(ok)}**.")
+                        + ", ".join(f"{l} {a:.3f}" for l, a in penalties.items()) + f"): **{claim_verdict(ok)}**.")
     return lines, verdicts
 
 
 def sfa_digits_section(result: dict) -> tuple[list[str], list[str]]:
-    from mergelab.continual.digits import verdict as digits_verdict
-    from mergelab.continual.report import markdown_table
+    from mergelab.studies.digits import digits_verdict
+    from mergelab.continual.report import stream_table
 
     lines, verdicts = [], []
     for scenario, data in result["scenarios"].items():
-        lines += [f"**{scenario}-incremental**", "", markdown_table(data),
+        lines += [f"**{scenario}-incremental**", "", stream_table(data),
                   f"![split digits {scenario}](sfa-digits/split_digits_{scenario}.png)", ""]
         comparison = data["comparison"]
         best = comparison.get("best", {})
@@ -183,11 +185,11 @@ def sfa_digits_section(result: dict) -> tuple[list[str], list[str]]:
             ok = all(best["sfa"]["average_accuracy"] >= best[k]["average_accuracy"] - 0.005
                      for k in ("l2", "ewc") if k in best)
         verdicts.append(f"- Split digits, {scenario}-incremental — SFA matches or beats L2/EWC (the paper's "
-                        f"Figure 1): **{verdict(ok)}**. {digits_verdict(comparison)}.")
+                        f"Figure 1): **{claim_verdict(ok)}**. {digits_verdict(comparison)}.")
     return lines, verdicts
 
 
-def write_report(results: dict, out) -> None:
+def write_demo_report(results: dict, out) -> None:
     """``OUT/report.md`` from the demo's results."""
     from pathlib import Path
 

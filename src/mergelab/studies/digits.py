@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from mergelab.continual.stream import Harness, Method, Task, TrainSettings, run_stream
+from mergelab.continual import Harness, Method, StreamTask, TrainSettings, run_stream
 from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
 
@@ -73,7 +73,7 @@ class MLP(torch.nn.Module):
 
 
 def split_digits(seed: int = 0, test_size: float = 0.3, scenario: str = "class"
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[Task]]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[StreamTask]]:
     """(pixels, targets, [task A, task B]); a task's examples are row indices into pixels/targets.
 
     ``scenario="class"``: the target is the digit (10 classes, one head for both tasks);
@@ -92,12 +92,12 @@ def split_digits(seed: int = 0, test_size: float = 0.3, scenario: str = "class"
                                              stratify=digits.target)
     tasks = []
     for name, parity in (("A (even)", 0), ("B (odd)", 1)):
-        tasks.append(Task(name, [i for i in train_rows if labels[i] % 2 == parity],
+        tasks.append(StreamTask(name, [i for i in train_rows if labels[i] % 2 == parity],
                           [i for i in test_rows if labels[i] % 2 == parity]))
     return pixels, (labels // 2 if scenario == "domain" else labels), tasks
 
 
-def digits_harness(pixels: torch.Tensor, labels: torch.Tensor, tasks: list[Task]) -> Harness:
+def digits_harness(pixels: torch.Tensor, labels: torch.Tensor, tasks: list[StreamTask]) -> Harness:
     def collate(rows: list[int]):
         index = torch.tensor(rows)
         return pixels[index], labels[index]
@@ -192,7 +192,7 @@ def compare_families(result: dict[str, Any]) -> dict[str, Any]:
             "settings": {name: len(runs) for name, runs in families.items()}}
 
 
-def verdict(comparison: dict[str, Any]) -> str:
+def digits_verdict(comparison: dict[str, Any]) -> str:
     """One honest sentence per penalty baseline: best against best (with how many settings each
     family had, since more settings mean more chances), SFA at the paper's default, and how many
     of the baseline's settings some SFA setting dominates."""
@@ -224,7 +224,7 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
     Example:
         >>> run_digits_experiment("sfa-digits")  # doctest: +SKIP
     """
-    from mergelab.continual.report import markdown_table, save_plane_figure, write_json, write_outputs
+    from mergelab.continual.report import save_plane_figure, stream_table, write_json, write_outputs
     from mergelab.io import check_output_dir
 
     check_output_dir(out_dir, force)  # fail before the work, not after
@@ -242,8 +242,8 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
              f" (± population std of the final score).\n"]
     writers = {}
     for scenario, result in results.items():
-        lines += [f"\n## {scenario}-incremental ({_SCENARIO_TEXT[scenario]})\n", markdown_table(result),
-                  f"\n**Verdict:** {verdict(result['comparison'])}.\n"]
+        lines += [f"\n## {scenario}-incremental ({_SCENARIO_TEXT[scenario]})\n", stream_table(result),
+                  f"\n**Verdict:** {digits_verdict(result['comparison'])}.\n"]
         panels = [("beta", "SFA: β sweep (p fixed)"), ("p", "SFA: p sweep (β fixed)")]
         writers[f"split_digits_{scenario}.png"] = (lambda path, r=result, s=scenario: save_plane_figure(
             path, r, panels, f"split digits, {s}-incremental: task A (even) vs task B (odd)"))
@@ -251,7 +251,7 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
     writers["results.md"] = lambda path: path.write_text("".join(lines))
     write_outputs(out_dir, writers, force)
     for scenario, result in results.items():
-        log(f"{scenario}-incremental: {verdict(result['comparison'])}")
+        log(f"{scenario}-incremental: {digits_verdict(result['comparison'])}")
     log(f"split digits done in {seconds:.0f} s; results in {out_dir}")
     return Path(out_dir)
 
