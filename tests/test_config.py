@@ -102,7 +102,8 @@ def test_a_gradient_is_interpolated_from_the_first_layer_to_the_last():
 
 
 def test_the_first_matching_filter_wins_and_none_matches_gives_none():
-    config = load_config({**VALID, "parameters": {"t": [{"filter": "mlp", "value": 1}, {"filter": "attn", "value": 2}]}})
+    filtered = [{"filter": "mlp", "value": 1}, {"filter": "attn", "value": 2}]
+    config = load_config({**VALID, "parameters": {"t": filtered}})
     setting = config.parameters["t"]
     assert evaluate_setting(setting, "layers.0.mlp.up", 0.0) == 1
     assert evaluate_setting(setting, "layers.0.self_attn.q", 0.0) == 2

@@ -224,14 +224,15 @@ def _validation_problem(exc: ValidationError, data: dict) -> str:
         allowed = _allowed_keys(parent)
         close = difflib.get_close_matches(str(key), allowed, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
-        problem = f"unknown key '{key}' in {_dotted(parent)}; {hint}" if parent else f"unknown top-level key '{key}'; {hint}"
+        where_key = f"key '{key}' in {_dotted(parent)}" if parent else f"top-level key '{key}'"
+        problem = f"unknown {where_key}; {hint}"
     elif error["type"] == "missing":
         problem = f"{_dotted(path)} is required"
     elif error["type"] in ("model_type", "dict_type"):
         problem = f"{_dotted(path)} must be a mapping (key: value), got {_shown(value)}"
     elif len(same_path) > 1 and any(crossed for _, _, crossed, _ in same_path):
-        problem = (f"{_dotted(path)} is {_shown(value)}; a parameter value is a number, true/false, a string, a list of "
-                   f"numbers (a gradient over the layers) or a list of {{filter, value}} entries")
+        problem = (f"{_dotted(path)} is {_shown(value)}; a parameter value is a number, true/false, a string, "
+                   f"a list of numbers (a gradient over the layers) or a list of {{filter, value}} entries")
     else:
         problem = f"{_dotted(path)}: {error['msg'][0].lower()}{error['msg'][1:]}, got {_shown(value)}"
     others = {tuple(p) for p, _, crossed, _ in errors if not crossed and p[:len(path)] != path[:len(p)]}

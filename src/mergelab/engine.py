@@ -379,7 +379,8 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
                 values.append(param.check(value, f"of model '{source.ref}' for tensor '{name}'"))
             params[param.name] = values
         else:
-            value = evaluate_setting(cfg.parameters[param.name], name, position) if param.name in cfg.parameters else None
+            setting = cfg.parameters.get(param.name)
+            value = evaluate_setting(setting, name, position) if setting is not None else None
             params[param.name] = param.check(param.default if value is None else value, f"for tensor '{name}'")
     problem = method.check(params, f"for tensor '{name}'") if method.check else None
     if problem:
