@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mergelab.continual import SFA, SFACallback
-from mergelab.demo.tiny import tiny_llama
+from mergelab.lm import tiny_llama
 
 HERE = Path(__file__).resolve().parent
 SIZES = {  # name: (vocab, hidden, layers, heads, intermediate, batch, sequence)
