@@ -51,6 +51,7 @@ def hostile(tiny_world, tmp_path_factory) -> dict[str, Path]:
     paths["missing"] = root / "missing"
     files = {"examples.jsonl": "\n".join(json.dumps(e) for e in FIVE), "bad_line3.jsonl": BAD_JSONL,
              "empty.jsonl": "", "task_data_bad.jsonl": BAD_JSONL,
+             "no_output.jsonl": f"{GOOD_LINE}\n{json.dumps({'input': 'copy 1 ='})}\n",
              "tasks.yml": yaml.safe_dump({"tasks": [
                  {"name": "copy", "kind": "loss", "split": "held_in", "category": "c", "examples": FIVE},
                  {"name": "other", "kind": "loss", "split": "held_out", "category": "d", "examples": FIVE}]}),
@@ -98,6 +99,10 @@ def eval_cases(p):
                              [f"tasks file {p['tasks_empty.yml']} is empty"]),
         "missing tokenizer option": (["eval", p["no_tokenizer"], *tasks, "--tokenizer", p["missing"]],
                                      [f"tokenizer directory {p['missing']} does not exist"]),
+        "out is a directory": (["eval", p["base"], *tasks, "--out", p["no_model"]],
+                               [f"results path {p['no_model']} is a directory"]),
+        "read-only out": (["eval", p["base"], *tasks, "--out", "/sys/kernel/results.csv"],
+                          ["cannot write results to /sys/kernel/results.csv"]),
     }
 
 
@@ -108,6 +113,8 @@ def cocktail_cases(p, out):
                                 [f"examples file {p['bad_line3.jsonl']}, line 3 column"]),
         "empty examples": (["cocktail", "weights", *models, "--examples", p["empty.jsonl"]],
                            [f"examples file {p['empty.jsonl']} is empty"]),
+        "example without output": (["cocktail", "weights", *models, "--examples", p["no_output.jsonl"]],
+                                   [f"examples file {p['no_output.jsonl']}, example 1 is missing 'output'"]),
         "missing examples": (["cocktail", "merge", out, *models, "--examples", p["missing"]],
                              [str(p["missing"]), "does not exist"]),
         "candidate without tokenizer": (["cocktail", "merge", out, "--base", p["no_tokenizer"], "--peer", p["peer"],
@@ -152,8 +159,8 @@ def grid_cases(p, tmp_path, out):
 
 
 CASES = {"eval": ["missing model", "no tokenizer", "pickled .bin", "no model", "tasks data bad line 3",
-                  "empty tasks file", "missing tokenizer option"],
-         "cocktail": ["examples bad line 3", "empty examples", "missing examples", "candidate without tokenizer",
+                  "empty tasks file", "missing tokenizer option", "out is a directory", "read-only out"],
+         "cocktail": ["examples bad line 3", "empty examples", "example without output", "missing examples", "candidate without tokenizer",
                       "pickled candidate", "missing candidate", "sweep with bad examples",
                       "sweep with candidate lacking a tokenizer"],
          "grid": ["out is a file", "out under a file", "read-only out", "expert without tokenizer",

@@ -179,44 +179,75 @@ def cocktail() -> None:
     """LM-Cocktail: merge weights from a few examples, and the resilient model."""
 
 
-def _cocktail_options(command):
-    options = [
-        click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task."),
-        click.option("--base", default=None, help="M_b: the base model."),
-        click.option("--peer", "peers", multiple=True, help="A model fine-tuned on another task (repeatable)."),
-        click.option("--examples", "examples", multiple=True, type=click.Path(path_type=Path),
-                     help="JSON/JSONL few-shot examples; repeat for several tasks (unified recipe)."),
-        click.option("--recipe", default="auto", show_default=True,
-                     type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"])),
-        click.option("--alpha", default=0.5, show_default=True, help="Weight of the fine-tuned model."),
-        click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss."),
-        click.option("--model-type", default="decoder", show_default=True, type=click.Choice(["decoder", "encoder"])),
-        click.option("--pooling", default=None, type=click.Choice(["cls", "mean"]), help="Encoder pooling."),
-        click.option("--neg-number", default=7, show_default=True, help="Encoder negatives per query."),
-        click.option("--batch-size", default=8, show_default=True),
-        click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations."),
-        click.option("--device", default="cpu", show_default=True),
+# Every cocktail option, once: (the subcommands it applies to, its click declaration). The loss
+# options are generated from LossOptions' fields, so the CLI cannot drift from the API.
+_ALL = ("merge", "weights", "sweep")
+
+
+def _cocktail_option_table() -> list[tuple[tuple[str, ...], object]]:
+    from dataclasses import MISSING, fields
+
+    from mergelab.cocktail.loss import LossOptions
+
+    table = [
+        (_ALL, click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task.")),
+        (_ALL, click.option("--base", default=None, help="M_b: the base model.")),
+        (_ALL, click.option("--peer", "peers", multiple=True, help="A model fine-tuned on another task (repeatable).")),
+        (_ALL, click.option("--examples", "examples", multiple=True, type=click.Path(path_type=Path),
+                            help="JSON/JSONL few-shot examples; repeat for several tasks (unified recipe).")),
+        (_ALL, click.option("--recipe", default="auto", show_default=True,
+                            type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"]))),
+        (("merge", "weights"), click.option("--alpha", default=0.5, show_default=True,
+                                            help="Weight of the fine-tuned model.")),
+        (_ALL, click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss.")),
+        (_ALL, click.option("--model-type", default="decoder", show_default=True,
+                            type=click.Choice(["decoder", "encoder"]))),
+        (_ALL, click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
+                            help="Use this directory's tokenizer for every model (for models saved without one).")),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    for spec in fields(LossOptions):
+        default = None if spec.default is MISSING else spec.default
+        choices = spec.metadata.get("choices")
+        kind = click.Choice(choices) if choices else (type(default) if default is not None else int)
+        table.append((_ALL, click.option(f"--{spec.name.replace('_', '-')}", spec.name, default=default, type=kind,
+                                         show_default=default not in (None, ""), help=spec.metadata["help"])))
+    table += [
+        (_ALL, click.option("--batch-size", default=8, show_default=True)),
+        (_ALL, click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations.")),
+        (_ALL, click.option("--device", default="cpu", show_default=True)),
+    ]
+    return table
 
 
-def _cocktail_kwargs(examples, pooling, neg_number, **kwargs) -> dict:
+def _cocktail_options(subcommand: str):
+    """Decorate a cocktail subcommand with exactly the options that apply to it."""
+
+    def decorate(command):
+        for applies, option in reversed(_cocktail_option_table()):
+            if subcommand in applies:
+                command = option(command)
+        return command
+
+    return decorate
+
+
+def _cocktail_kwargs(examples, **kwargs) -> dict:
+    """The cocktail API's keyword arguments from the parsed options (loss options as one LossOptions)."""
     from mergelab.cocktail import load_examples
+    from mergelab.cocktail.loss import LossOptions
 
+    checks = {"model_type": kwargs["model_type"], "neg_number": kwargs["neg_number"]}
     if len(examples) == 1:
-        kwargs["examples"] = load_examples(examples[0])
+        kwargs["examples"] = load_examples(examples[0], **checks)
     elif examples:
-        kwargs["examples"] = {str(path): load_examples(path) for path in examples}
-    if pooling:
-        kwargs["pooling"] = pooling
-    return {**kwargs, "neg_number": neg_number}
+        kwargs["examples"] = {str(path): load_examples(path, **checks) for path in examples}
+    loss = {name: kwargs.pop(name) for name in LossOptions.field_names()}
+    return {**kwargs, "options": LossOptions(**loss)}
 
 
 @cocktail.command(name="merge")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@_cocktail_options
+@_cocktail_options("merge")
 @click.option("--force", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def cocktail_merge(out_dir, **options) -> None:

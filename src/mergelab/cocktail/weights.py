@@ -67,10 +67,19 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
     return softmax_weights(losses, temperature)
 
 
-def load_examples(source: str | Path | Sequence[dict] | Mapping[str, Sequence[dict]]) -> list[dict] | dict:
-    """Examples from a JSON list / JSONL file, a list of dicts, or a dict of task -> examples."""
+def load_examples(source: str | Path | Sequence[dict] | Mapping[str, Sequence[dict]], model_type: str | None = None,
+                  neg_number: int = 7) -> list[dict] | dict:
+    """Examples from a JSON list / JSONL file, a list of dicts, or a dict of task -> examples.
+
+    With ``model_type``, a file's examples are also checked (keys, negatives), and errors name the file.
+    """
     if isinstance(source, (str, Path)):
-        return read_records(source, "examples file")
+        examples = read_records(source, "examples file")
+        if model_type is not None:
+            if not isinstance(examples, list):
+                raise MergelabError(f"examples file {source} must hold a list of examples (JSON list or JSONL)")
+            check_examples(examples, model_type, neg_number, where=f"examples file {source}")
+        return examples
     return source
 
 

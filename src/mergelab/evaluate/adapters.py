@@ -22,7 +22,7 @@ from typing import Sequence
 import yaml
 
 from mergelab.errors import MergelabError
-from mergelab.evaluate.runner import RESULT_FIELDS, evaluate_models, write_rows
+from mergelab.evaluate.runner import RESULT_FIELDS, check_results_path, evaluate_models, write_rows
 from mergelab.loading import check_model_dir, first_line
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
@@ -364,6 +364,8 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
     tasks = load_tasks(tasks) if tasks is not None and not isinstance(tasks, (list, tuple)) else list(tasks or [])
     for model_dir in model_dirs:  # fail before the first (slow) load
         check_model_dir(model_dir, tokenizer)
+    if out is not None:
+        check_results_path(out)
     rows = []
     if tasks and backend == "mergelab":
         rows += evaluate_models(model_dirs, tasks, batch_size=batch_size, device=device, progress=progress,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -108,6 +109,8 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | st
     if not isinstance(tasks, (list, tuple)):
         tasks = load_tasks(tasks)
     model_kind(tasks)
+    if out is not None:
+        check_results_path(out)
     for model_dir in model_dirs:  # fail before the first (slow) load
         check_model_dir(model_dir, tokenizer)
     rows = []
@@ -123,6 +126,24 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | st
     if out is not None:
         write_rows(rows, out)
     return rows
+
+
+def check_results_path(out: str | Path) -> Path:
+    """Refuse, before any model is scored, a results path that cannot be written: a directory,
+    or a location where no file can be created (a real write is tried: root ignores permission bits)."""
+    out = Path(out)
+    if out.is_dir():
+        raise MergelabError(f"results path {out} is a directory; give a file name ending in .json or .csv")
+    anchor = next((p for p in out.parents if p.exists()), Path("."))
+    if not anchor.is_dir():
+        raise MergelabError(f"cannot write results to {out}: {anchor} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=anchor)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MergelabError(f"cannot write results to {out}: {anchor} is not writable ({exc.strerror})") from None
+    return out
 
 
 def write_rows(rows: list[dict], out: str | Path, fields: Sequence[str] | None = None) -> Path:
