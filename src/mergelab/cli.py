@@ -157,16 +157,19 @@ def fisher(model_dir, data, out, samples, max_length, device, force) -> None:
 @click.option("--lm-eval-include", default=None, type=click.Path(path_type=Path),
               help="Folder of your own lm-eval YAML tasks, for --lm-eval.")
 @click.option("--out", "out", default=None, type=click.Path(path_type=Path), help="results.json or results.csv")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
+              help="Use this directory's tokenizer for every model (for models saved without one).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
-def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, batch_size, device, quiet) -> None:
+def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, tokenizer, batch_size, device,
+             quiet) -> None:
     """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file and/or lm-eval tasks."""
     from mergelab.evaluate.adapters import evaluate_with_backend
 
     rows = evaluate_with_backend(model_dirs, tasks, backend=backend, lm_eval_tasks=lm_eval_tasks,
                                  lm_eval_include=lm_eval_include, out=out, batch_size=batch_size, device=device,
-                                 progress=not quiet)
+                                 progress=not quiet, tokenizer=tokenizer)
     width = max((len(r["model"]) for r in rows), default=0)
     for row in rows:
         click.echo(f"{row['model']:{width}}  {row['task']:24} {row['metric']:12} {row['score']:.4f}")
@@ -260,7 +263,7 @@ def cocktail_merge(out_dir, **options) -> None:
 
 
 @cocktail.command(name="weights")
-@_cocktail_options
+@_cocktail_options("weights")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cocktail_weights(as_json, **options) -> None:
     """Print the few-shot losses and merge weights only (nothing is written)."""
@@ -274,7 +277,7 @@ def cocktail_weights(as_json, **options) -> None:
 
 @cocktail.command(name="sweep")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@_cocktail_options
+@_cocktail_options("sweep")
 @click.option("--tasks", "tasks", required=True, type=click.Path(path_type=Path), help="Tasks file to score.")
 @click.option("--target", "target", multiple=True, required=True, help="Target task name(s).")
 @click.option("--alphas", default=None, help="Comma-separated α values (default 0,0.1,...,1).")
@@ -288,7 +291,6 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
         grid = [float(a) for a in alphas.split(",")] if alphas else DEFAULT_ALPHAS
     except ValueError:
         raise MergelabError(f"--alphas must be comma-separated numbers like 0,0.5,1; got '{alphas}'") from None
-    options.pop("alpha")
     rows = alpha_sweep(out_dir, tasks=tasks, target=target, alphas=grid, keep_models=keep_models,
                        **_cocktail_kwargs(**options))
     for row in rows:
