@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +19,8 @@ from safetensors.torch import load_file
 
 from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.demo.tiny import tiny_llama
-from mergelab.fisher import fisher_diagonal, read_texts
+from mergelab.fisher import estimate_fisher, fisher_diagonal, read_texts
+from mergelab.lm import build_tokenizer, tiny_llama
 
 
 def test_fisher_is_the_mean_of_per_example_squared_gradients():
@@ -47,3 +55,112 @@ def test_bad_data_files_are_refused(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(MergelabError, match=match):
         read_texts(path)
+
+
+# -- user errors: one line (and a hint), exit 2, found before the estimate, nothing left behind ---
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".venv" / "bin" / "mergelab"
+READ_ONLY = Path("/sys/kernel/mergelab.fisher.safetensors")  # /sys is read-only, even for root
+
+
+def without_tokenizer(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for item in source.iterdir():
+        if "token" not in item.name and item.name != "special_tokens_map.json":
+            shutil.copy(item, target / item.name)
+    return target
+
+
+def pickled_bin(target: Path) -> Path:
+    """A .bin checkpoint that also pickles a Python object, which torch.load(weights_only=True) refuses."""
+    model = tiny_llama(seed=0)
+    target.mkdir()
+    model.config.save_pretrained(target)
+    build_tokenizer().save_pretrained(target)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save({**state, "training_args": argparse.Namespace(lr=0.1)}, target / "pytorch_model.bin")
+    return target
+
+
+@pytest.fixture
+def inputs(tiny_world, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"input": "copy 1 2 =", "output": "1 2"}) + "\n")
+    (tmp_path / "taken.safetensors").write_bytes(b"earlier results")
+    return {"model": tiny_world["a"], "data": data, "no_tokenizer": without_tokenizer(tiny_world["a"], tmp_path / "bare"),
+            "pickled": pickled_bin(tmp_path / "pickled"), "tmp": tmp_path}
+
+
+# name: (model, --out, extra options, what the one error line says)
+ERRORS = {
+    "no tokenizer": ("no_tokenizer", "f.safetensors", [], r"bare has no tokenizer \(none of tokenizer.json.*\n  hint: pass "
+                                                          r"--tokenizer PATH"),
+    "existing out": ("model", "taken.safetensors", [], r"taken.safetensors already exists; .*--force"),
+    "out is a directory": ("model", "bare", [], r"--out .*bare is a directory; give a file path"),
+    "read-only out": ("model", READ_ONLY, [], r"cannot write .*mergelab.fisher.safetensors: /sys/kernel is not writable"),
+    "pickled .bin": ("pickled", "f.safetensors", [], r"pytorch_model.bin is not a plain tensor checkpoint .*convert it "
+                                                     r"to safetensors"),
+    "bad --samples": ("model", "f.safetensors", ["--samples", "0"], r"--samples must be a whole number of at least 1"),
+}
+
+
+def _arguments(inputs, case):
+    model, out, extra, _ = ERRORS[case]
+    out = out if isinstance(out, Path) else inputs["tmp"] / out
+    return inputs[model], out, extra
+
+
+def _read_only_here() -> bool:
+    try:
+        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
+    except OSError:
+        return True
+    return False
+
+
+def _skip_without_read_only(case):
+    if case == "read-only out" and not _read_only_here():
+        pytest.skip("no read-only file system here")
+
+
+def _listing(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_fisher_user_errors_through_the_api_and_the_cli(inputs, case, monkeypatch):
+    _skip_without_read_only(case)
+    model, out, extra = _arguments(inputs, case)
+    message = ERRORS[case][3]
+    monkeypatch.setattr("mergelab.fisher.fisher_diagonal", lambda *a, **k: pytest.fail("estimated before the check"))
+    before = _listing(inputs["tmp"])
+    options = {"max_samples": int(extra[1])} if extra else {}
+    with pytest.raises(MergelabError, match=message):
+        estimate_fisher(model, read_texts(inputs["data"]), out, **options)
+    result = CliRunner().invoke(main, ["fisher", str(model), "--data", str(inputs["data"]), "--out", str(out), *extra])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert re.match(r"error: [^\n]*" + message, result.stderr) and "weights_only=False" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # the line, and at most an indented hint
+    assert _listing(inputs["tmp"]) == before  # nothing left behind, the earlier file untouched
+
+
+@pytest.mark.slow
+def test_fisher_user_errors_through_the_console_script(inputs):
+    for case in ERRORS:
+        if case == "read-only out" and not _read_only_here():
+            continue
+        model, out, extra = _arguments(inputs, case)
+        command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mergelab.cli"]
+        done = subprocess.run([*command, "fisher", str(model), "--data", str(inputs["data"]), "--out", str(out),
+                               *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (case, done.stderr)
+        assert re.match(r"error: [^\n]*" + ERRORS[case][3], done.stderr) and "Traceback" not in done.stderr, case
+
+
+def test_another_tokenizer_serves_a_model_saved_without_one(inputs):
+    out = inputs["tmp"] / "f.safetensors"
+    result = CliRunner().invoke(main, ["fisher", str(inputs["no_tokenizer"]), "--data", str(inputs["data"]), "--out",
+                                       str(out), "--tokenizer", str(inputs["model"])])
+    assert result.exit_code == 0, result.output
+    assert "model.norm.weight" in load_file(out)
+    assert not [p for p in inputs["tmp"].iterdir() if p.name.startswith(".")]  # no partial file left

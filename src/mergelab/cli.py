@@ -139,12 +139,14 @@ def inspect(models, base, density, per_tensor, as_json) -> None:
 @click.option("--max-length", default=512, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def fisher(model_dir, data, out, samples, max_length, device, force) -> None:
+@click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
+              help="Use this directory's tokenizer (for a model saved without one).")
+def fisher(model_dir, data, out, samples, max_length, device, force, tokenizer) -> None:
     """Estimate the diagonal Fisher of a causal LM on DATA (for `merge_method: fisher`)."""
     from mergelab.fisher import estimate_fisher, read_texts
 
     path = estimate_fisher(model_dir, read_texts(data), out, max_samples=samples, max_length=max_length,
-                           device=device, force=force)
+                           device=device, force=force, tokenizer=tokenizer)
     click.echo(f"Fisher written to {path}")
 
 

@@ -4,6 +4,7 @@ with the checkpoint's tensor names, for ``merge_method: fisher``."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -89,37 +90,93 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
     return {name: fisher[name] for name in order if name in fisher}
 
 
+def check_output_file(out_path: str | Path, force: bool) -> Path:
+    """Refuse, before any work, an output file that exists (unless ``force``), is a directory,
+    or cannot be created (tried for real: root ignores permission bits, a read-only file
+    system does not)."""
+    out = Path(out_path).expanduser()
+    if out.is_dir():
+        raise MergelabError(f"--out {out} is a directory; give a file path such as {out / 'fisher.safetensors'}")
+    if out.exists() and not force:
+        raise MergelabError(f"{out} already exists; remove it, choose another path, or pass --force")
+    anchor = next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not anchor.is_dir():
+        raise MergelabError(f"cannot create {out}: {anchor} is a file, not a directory; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=anchor)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MergelabError(f"cannot write {out}: {anchor} is not writable ({exc.strerror}); choose another "
+                            f"location") from None
+    return out
+
+
+def _publish(tensors: dict[str, torch.Tensor], out: Path, force: bool) -> None:
+    """Write a hidden sibling, then move it into place: replacing ``out`` only with ``force``
+    (a hard link refuses an existing target, so of two runs exactly one wins)."""
+    from safetensors.torch import save_file
+
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, partial, metadata={"format": "pt"})
+        if force:
+            os.replace(partial, out)
+        else:
+            _link_no_replace(partial, out)
+    except FileExistsError:
+        raise MergelabError(f"{out} appeared while the Fisher was estimated (another run?); pass --force to "
+                            f"replace it") from None
+    except OSError as exc:
+        raise MergelabError(f"cannot write {out}: {exc.strerror or exc}; nothing was written") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _link_no_replace(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: a check, then the rename
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(source, target)
+
+
 def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Path, *, max_samples: int | None = None,
-                    max_length: int = 512, device: str = "cpu", force: bool = False) -> Path:
+                    max_length: int = 512, device: str = "cpu", force: bool = False,
+                    tokenizer: str | Path | None = None) -> Path:
     """Estimate the diagonal Fisher of a causal LM on ``texts`` and save it.
+
+    Every check a user can fail (the output path, the model directory and its tokenizer, a
+    ``.bin`` checkpoint that is not plain tensors) runs before the estimate is computed.
+
+    Args:
+        tokenizer: a directory whose tokenizer to use, for a model saved without one.
 
     Example:
         >>> estimate_fisher("experts/math", ["2 + 2 = 4", "3 + 5 = 8"], "math.fisher.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mergelab.devices import check_device
+    from mergelab.loading import load_model
 
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise MergelabError(f"{out_path} already exists; remove it or pass --force")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MergelabError(f"model directory {model_dir} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    texts = texts[:max_samples] if max_samples else texts
+    out_path = check_output_file(out_path, force)
+    device = check_device(device, "--device")
+    for value, name, low in ((max_samples, "--samples", 1), (max_length, "--max-length", 2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise MergelabError(f"{name} must be a whole number of at least {low}, got {value!r}")
+    model, loaded_tokenizer = load_model(model_dir, "causal", tokenizer=tokenizer, device=device)
+    texts = texts[:max_samples] if max_samples is not None else texts
 
     def batches():
         for text in texts:
-            encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
-            if tokenizer.eos_token_id is not None:
-                eos = torch.tensor([[tokenizer.eos_token_id]])
+            encoded = loaded_tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+            if loaded_tokenizer.eos_token_id is not None:
+                eos = torch.tensor([[loaded_tokenizer.eos_token_id]])
                 encoded = {"input_ids": torch.cat([encoded["input_ids"], eos], 1)[:, -max_length:]}
             yield {k: v.to(device) for k, v in encoded.items() if k == "input_ids"}
 
-    fisher = fisher_diagonal(model, batches())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.partial")
-    save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, partial, metadata={"format": "pt"})
-    os.replace(partial, out_path)
+    _publish(fisher_diagonal(model, batches()), out_path, force)
     return out_path
