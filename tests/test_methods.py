@@ -110,7 +110,7 @@ def test_ties_without_normalize_is_the_disjoint_sum_scaled_by_lambda():
 @pytest.mark.parametrize("n,density", [(10, 0.2), (1000, 0.2), (4096, 0.5), (100_003, 0.01), (7, 0.8)])
 def test_magnitude_threshold_is_the_exact_kth_largest(n, density):
     values = torch.randn(n).abs()
-    k = int(round(density * n))
+    k = int(density * n)  # mergekit's count: int(), not round()
     expected = torch.topk(values, k).values.min()
     assert magnitude_threshold(values, k) == pytest.approx(float(expected), abs=0)
     assert int(magnitude_mask(torch.randn(n) * 0 + values, density).sum()) == k
@@ -257,9 +257,11 @@ def test_methods_do_not_modify_the_base_tensor():
     base = torch.randn(16)
     kept = base.clone()
     experts = [base + torch.randn(16) for _ in range(2)]
-    for name in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"):
-        params = {p.name: ([p.default] * 2 if p.per_model else p.default) for p in METHODS[name].params}
-        params.pop("int8_mask", None)
+    for name in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                 "della_linear", "sce", "ram", "ramplus_tl", "model_stock"):
+        params = METHODS[name].defaults(2)
+        params.update({key: value for key, value in (("weight", [1.0, 0.5]), ("density", [0.5, 0.5]))
+                       if METHODS[name].param(key)})
         if METHODS[name].uses_seed:
             params.update(seed=0, key="k")
         METHODS[name]([e.clone() for e in experts], base, **params)
@@ -280,9 +282,16 @@ def test_the_registry_is_the_one_source_of_defaults():
 def test_a_registered_method_applies_its_registry_defaults():
     base = torch.zeros(10)
     experts = [torch.randn(10), torch.randn(10)]
-    implicit = call("ties", experts, base)
-    explicit = call("ties", experts, base, weight=[1.0, 1.0], density=[0.2, 0.2], normalize=True, **{"lambda": 1.0})
+    implicit = call("ties", experts, base, weight=[1.0, 1.0])
+    explicit = call("ties", experts, base, weight=[1.0, 1.0], density=[1.0, 1.0], normalize=True, rescale=False,
+                    keep_ties=True, **{"lambda": 1.0})
     assert torch.equal(implicit, explicit)
+
+
+def test_weight_is_required_where_mergekit_requires_it():
+    for name in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della"):
+        with pytest.raises(TypeError, match="needs weight"):
+            call(name, [tv(1.0), tv(2.0)], tv(0.0))
 
 
 @pytest.mark.parametrize("argument", ["sparsify", "consensus"])
@@ -292,7 +301,8 @@ def test_a_misspelt_sparsify_or_consensus_fails_instead_of_meaning_none(argument
     arguments = {"sparsify": None, "consensus": None, argument: "magnitud"}
     with pytest.raises(ValueError, match="'magnitud' is not a valid"):
         generalized_task_arithmetic([tv(1)], tv(0), weight=[1], normalize=False, density=[1], rescale=None,
-                                    seed=None, key=None, **arguments, **{"lambda": 1.0})
+                                    rescale_l1=None, gamma=None, epsilon=None, keep_ties=None, seed=None, key=None,
+                                    **arguments, **{"lambda": 1.0})
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])

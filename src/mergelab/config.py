@@ -3,8 +3,9 @@
 Accepted keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
 top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. A parameter value
 may be a scalar, a gradient (a list of numbers interpolated over the layers, first layer to
-last), or a list of ``{filter: substring, value: ...}`` entries where the first entry whose
-filter occurs in the tensor name wins and an entry without a filter is the fallback.
+last; tensors outside the layers take its first value, as in mergekit), or a list of
+``{filter: substring, value: ...}`` entries where the first entry whose filter occurs in the
+tensor name wins and an entry without a filter (or with ``filter: "*"``) is the fallback.
 Per-model parameters given at the top level apply to every model, as in mergekit.
 
 mergekit keys that mergelab does not implement yet (``slices``, ``modules``, ``tokenizer``,
@@ -327,11 +328,13 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits from 0 (embeddings, first block) to 1 (last block, final norm, head)."""
+    """Where a gradient is evaluated for a tensor, as mergekit 0.1.x does: block i of n at
+    i/(n−1) (a single block at 1), and every tensor outside the blocks (embeddings, final
+    norm, lm_head) at 0, the gradient's first value."""
     index = layer_index(tensor_name)
     if index is None:
-        return 0.0 if ("embed" in tensor_name or "wte" in tensor_name or "wpe" in tensor_name) else 1.0
-    return index / (num_layers - 1) if num_layers > 1 else 0.0
+        return 0.0
+    return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def evaluate_setting(value: ParamValue, tensor_name: str, position: float) -> Scalar | None:
@@ -340,7 +343,7 @@ def evaluate_setting(value: ParamValue, tensor_name: str, position: float) -> Sc
     if isinstance(value, list):
         if value and isinstance(value[0], Filtered):
             for entry in value:
-                if entry.filter is None or entry.filter in tensor_name:
+                if entry.filter is None or entry.filter == "*" or entry.filter in tensor_name:
                     return evaluate_setting(entry.value, tensor_name, position)
             return None
         if not value:

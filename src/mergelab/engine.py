@@ -10,6 +10,8 @@ a temporary directory that is renamed into place only when everything succeeded.
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import shutil
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -137,6 +139,7 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
     num_layers = _num_layers(reference.reader)
 
     jobs = []
+    notes: dict[str, None] = {}  # where this merge deliberately differs from mergekit's, in order, once each
     names = sorted(set(reference.reader.tensors) - skipped, key=lambda n: _storage_order(reference.reader, n))
     for name in names:
         info = reference.reader.tensors[name]
@@ -145,6 +148,10 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
             continue
         params = _tensor_params(method, cfg, experts, name, layer_position(name, num_layers))
         jobs.append(TensorJob(name, info.shape, out_dtype or info.dtype, params))
+        if method.notes:
+            notes.update(dict.fromkeys(method.notes(params, math.prod(info.shape))))
+    for note in notes:
+        logging.getLogger("mergelab").warning(f"{method.name} differs from mergekit here: {note}")
 
     check_free_space(out, output_size(jobs))
     tokenizer_dir = None
@@ -375,6 +382,10 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
                 value = evaluate_setting(setting, name, position) if setting is not None else None
                 if value is None and param.name in cfg.parameters:
                     value = evaluate_setting(cfg.parameters[param.name], name, position)
+                if value is None and param.required:
+                    raise MergelabError(
+                        f"{method.name} needs parameter '{param.name}' for model '{source.ref}' (tensor '{name}'), "
+                        f"as mergekit does; set it under that model's parameters or the top-level parameters")
                 value = param.default if value is None else value
                 values.append(param.check(value, f"of model '{source.ref}' for tensor '{name}'"))
             params[param.name] = values

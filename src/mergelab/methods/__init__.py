@@ -9,7 +9,7 @@ Example:
     >>> import torch
     >>> from mergelab.methods import METHODS
     >>> base, a, b = torch.zeros(4), torch.tensor([1.0, -2, 3, 0]), torch.tensor([1.0, 2, 1, 0])
-    >>> METHODS["ties"]([a, b], base, density=[1.0, 1.0])  # weight, lambda, normalize: registry defaults
+    >>> METHODS["ties"]([a, b], base, weight=[1.0, 1.0])  # density, lambda, normalize: registry defaults
     tensor([1., 2., 2., 0.])
 """
 
@@ -19,18 +19,25 @@ from mergelab.errors import MergelabError
 from mergelab.methods.base import MergeMethod, Param
 from mergelab.methods.linear import check_fisher, check_lm_cocktail, fisher, linear, lm_cocktail, normalize_check
 from mergelab.methods.model_stock import model_stock
+from mergelab.methods.passthrough import passthrough
+from mergelab.methods.ram import ram, ramplus_tl
+from mergelab.methods.sce import sce
 from mergelab.methods.slerp import slerp
 from mergelab.methods.sparsify import Sparsify
 from mergelab.methods.task_arithmetic import Consensus, generalized_task_arithmetic
 
-WEIGHT = Param("weight", 1.0, per_model=True, help="model's weight w_i")
+WEIGHT = Param("weight", None, per_model=True, required=True, help="model's weight w_i (required, as in mergekit)")
 LAMBDA = Param("lambda", 1.0, help="scale λ of the combined task vector")
 INT8_MASK = Param("int8_mask", False, kind=bool, ignored=True,
                   help="accepted for mergekit configs; masks are always int8")
+KEEP_TIES = Param("keep_ties", True, kind=bool,
+                  help="keep every entry tied at the top-k threshold (false: exactly int(density·numel), as mergekit)")
+RANDOM_SPARSIFY = (Sparsify.RANDOM, Sparsify.DELLA)
+MAGNITUDE_SPARSIFY = (Sparsify.MAGNITUDE, Sparsify.OUTLIERS)
 
 
-def _density(default: float) -> Param:
-    return Param("density", default, per_model=True, low=0.0, high=1.0, low_open=True,
+def _density() -> Param:
+    return Param("density", 1.0, per_model=True, low=0.0, high=1.0, low_open=True,
                  help="fraction of each task vector kept")
 
 
@@ -38,23 +45,92 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default, kind=bool, help="divide by the sum of the weights that took part")
 
 
+def _rescale(default: bool, sparsify: Sparsify | None) -> Param:
+    if sparsify in RANDOM_SPARSIFY:
+        what = "divide survivors by their keep probability (rescale_l1: restore the L1 norm instead)"
+    else:
+        what = "restore each thinned task vector's L1 norm (as mergekit)"
+    return Param("rescale", default, kind=bool, help=what)
+
+
+def _task_notes(sparsify: Sparsify | None):
+    """Where a task-vector method deliberately differs from mergekit, for one tensor's parameters."""
+
+    def notes(params: dict, numel: int) -> list[str]:
+        thinned = sparsify is not None and min(params["density"]) < 1.0
+        found = []
+        if thinned and sparsify in MAGNITUDE_SPARSIFY and params["keep_ties"]:
+            found.append("every entry tied at a top-k threshold is kept, where mergekit keeps exactly "
+                         "int(density·numel) entries; set keep_ties: false for mergekit's count")
+        if thinned and sparsify is Sparsify.OUTLIERS and any(int(g * numel) == 0 for g in params["gamma"]):
+            found.append("where int(gamma·numel) is 0 (gamma 0, or a tensor of under 1/gamma entries) mergelab "
+                         "keeps the density fraction as the paper does, where mergekit 0.1.x drops the whole task "
+                         "vector; raise gamma to drop outliers in small tensors")
+        if thinned and sparsify in RANDOM_SPARSIFY and params["rescale"] and not params["rescale_l1"]:
+            what = "1/density" if sparsify is Sparsify.RANDOM else "1/its keep probability"
+            found.append(f"survivors are rescaled by {what} as the paper does, where mergekit rescales each task "
+                         f"vector to its L1 norm before dropping; set rescale_l1: true for mergekit's rescale "
+                         f"(the random masks differ from mergekit's in any case)")
+        return found
+
+    return notes
+
+
+def _check_della(method: str):
+    normalizable = normalize_check(method)
+
+    def check(params: dict, where: str) -> str | None:
+        for density, epsilon in zip(params["density"], params["epsilon"]):
+            if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+                return (f"{method}: density {density:g} ± epsilon {epsilon:g} {where} leaves (0, 1); keep "
+                        f"probabilities must lie inside it, so choose epsilon < min(density, 1 − density)")
+        return normalizable(params, where)
+
+    return check
+
+
 def _task_method(name: str, paper: str, summary: str, *, sparsify: Sparsify | None, consensus: Consensus | None,
-                 density: float | None, normalize: bool) -> MergeMethod:
-    params = [WEIGHT, LAMBDA, _normalize(normalize), INT8_MASK]
-    if sparsify is not None:
-        params.append(_density(density))
-    if sparsify is Sparsify.RANDOM:
-        params.append(Param("rescale", True, kind=bool, help="rescale DARE survivors by 1/density"))
+                 normalize: bool, rescale: bool) -> MergeMethod:
+    """A registry entry for one configuration of ``generalized_task_arithmetic``, with mergekit's
+    parameters and defaults (density 1, weight required; normalize and rescale per method)."""
+    params = [WEIGHT, LAMBDA, _normalize(normalize), _rescale(rescale, sparsify), INT8_MASK]
     fixed = {"sparsify": sparsify, "consensus": consensus}
     if sparsify is None:
-        fixed["density"] = None  # nothing is thinned
-    if sparsify is not Sparsify.RANDOM:
-        fixed.update(rescale=None, seed=None, key=None)  # no random mask to draw
+        fixed["density"] = None  # nothing is thinned; rescale is accepted (as mergekit) and changes nothing
+    else:
+        params.append(_density())
+    if sparsify is Sparsify.OUTLIERS:
+        params.append(Param("gamma", 0.01, per_model=True, low=0.0, high=1.0,
+                            help="fraction of the largest |τ| dropped as outliers"))
+    else:
+        fixed["gamma"] = None
+    if sparsify is Sparsify.DELLA:
+        params.append(Param("epsilon", 0.15, per_model=True, low=0.0,
+                            help="keep probabilities span density ± epsilon by |τ| rank within a row"))
+    else:
+        fixed["epsilon"] = None
+    if sparsify in MAGNITUDE_SPARSIFY:
+        params.append(KEEP_TIES)
+    else:
+        fixed["keep_ties"] = None
+    if sparsify in RANDOM_SPARSIFY:
+        params.append(Param("rescale_l1", False, kind=bool,
+                            help="with rescale: restore the L1 norm (mergekit) instead of 1/keep probability"))
+    else:
+        fixed.update(rescale_l1=None, seed=None, key=None)  # no random mask to draw
     return MergeMethod(
         name, generalized_task_arithmetic, tuple(params), paper, uses_base=True,
-        uses_seed=sparsify is Sparsify.RANDOM, summary=summary, check=normalize_check(name),
-        extra=fixed,
+        uses_seed=sparsify in RANDOM_SPARSIFY, summary=summary,
+        check=_check_della(name) if sparsify is Sparsify.DELLA else normalize_check(name),
+        notes=_task_notes(sparsify), extra=fixed,
     )
+
+
+def _sce_notes(params: dict, numel: int) -> list[str]:
+    if params["select_topk"] < 1.0 and params["keep_ties"]:
+        return ["every position tied at the select_topk variance threshold is kept, where mergekit keeps exactly "
+                "int(select_topk·count) positions; set keep_ties: false for mergekit's count"]
+    return []
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -65,22 +141,70 @@ METHODS: dict[str, MergeMethod] = {
     ),
     "task_arithmetic": _task_method(
         "task_arithmetic", "Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
-        "θ_b + λ Σ w_i τ_i", sparsify=None, consensus=None, density=None, normalize=False,
+        "θ_b + λ Σ w_i τ_i", sparsify=None, consensus=None, normalize=False, rescale=False,
     ),
     "ties": _task_method(
         "ties", "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
         "trim top-k |τ|, elect sign, disjoint mean", sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
-        density=0.2, normalize=True,
+        normalize=True, rescale=False,
     ),
     "dare_linear": _task_method(
         "dare_linear", "Yu et al. 2024, Language models are Super Mario / DARE (arXiv:2311.03099)",
         "random drop + 1/density rescale, then task arithmetic", sparsify=Sparsify.RANDOM, consensus=None,
-        density=0.1, normalize=False,
+        normalize=False, rescale=True,
     ),
     "dare_ties": _task_method(
         "dare_ties", "Yu et al. 2024, DARE (arXiv:2311.03099) + TIES sign election",
-        "random drop + 1/density rescale, then TIES elect and disjoint mean", sparsify=Sparsify.RANDOM,
-        consensus=Consensus.SIGN, density=0.1, normalize=True,
+        "random drop + 1/density rescale, then TIES elect and sum", sparsify=Sparsify.RANDOM,
+        consensus=Consensus.SIGN, normalize=False, rescale=True,
+    ),
+    "breadcrumbs": _task_method(
+        "breadcrumbs", "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795)",
+        "drop top gamma and bottom |τ| (keep density), then task arithmetic", sparsify=Sparsify.OUTLIERS,
+        consensus=None, normalize=False, rescale=False,
+    ),
+    "breadcrumbs_ties": _task_method(
+        "breadcrumbs_ties", "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv:2312.06795) + TIES sign election",
+        "Breadcrumbs mask, then TIES elect and sum", sparsify=Sparsify.OUTLIERS, consensus=Consensus.SIGN,
+        normalize=False, rescale=False,
+    ),
+    "della": _task_method(
+        "della", "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
+        "drop with |τ|-ranked keep probability per row, rescale, then TIES elect and disjoint mean",
+        sparsify=Sparsify.DELLA, consensus=Consensus.SIGN, normalize=True, rescale=True,
+    ),
+    "della_linear": _task_method(
+        "della_linear", "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)",
+        "drop with |τ|-ranked keep probability per row, rescale, then task arithmetic",
+        sparsify=Sparsify.DELLA, consensus=None, normalize=False, rescale=True,
+    ),
+    "sce": MergeMethod(
+        "sce", sce,
+        (Param("select_topk", 1.0, low=0.0, high=1.0, help="fraction of positions kept, by variance across τ_i"),
+         KEEP_TIES, INT8_MASK),
+        "Wan et al. 2024, FuseChat (arXiv:2408.07990): Select, Calculate, Erase", uses_base=True,
+        summary="keep high-variance positions, weights from mean squares, erase minority signs",
+        notes=_sce_notes,
+    ),
+    "ram": MergeMethod(
+        "ram", ram,
+        (Param("epsilon", 1e-5, low=0.0, help="|τ| at or below this counts as unchanged"),),
+        "Reinforced Agent Merging (arXiv:2601.13572)", uses_base=True,
+        summary="unique task-vector entries kept whole, shared ones averaged",
+    ),
+    "ramplus_tl": MergeMethod(
+        "ramplus_tl", ramplus_tl,
+        (Param("epsilon", 1e-5, low=0.0, help="|τ| at or below this counts as unchanged"),
+         Param("r", 0.1, help="strength of the rescaling of unique entries"),
+         Param("alpha", 0.2, low=0.0, help="upper bound of the shared/unique ratio ρ")),
+        "Reinforced Agent Merging, RAM+ (arXiv:2601.13572), tensor-local as in mergekit", uses_base=True,
+        summary="RAM with unique entries scaled by 1 + r·clip(shared/unique, 0, α) per tensor",
+    ),
+    "passthrough": MergeMethod(
+        "passthrough", passthrough,
+        (Param("scale", 1.0, per_model=True, help="factor applied to the tensor"),),
+        "mergekit's passthrough (no paper: copies one model)", min_models=1, max_models=1,
+        summary="copy one model, optionally scaling tensors",
     ),
     "slerp": MergeMethod(
         "slerp", slerp, (Param("t", 0.5, low=0.0, high=1.0, help="0 = base_model, 1 = the other model"),),

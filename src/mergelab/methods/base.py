@@ -9,7 +9,8 @@ and keep no reference after returning.
 
 The registry entry is the one source of a parameter's default: the pure functions take every
 parameter without a default, and calling a registered ``MergeMethod`` fills in the ones left
-out from its ``Param``s.
+out from its ``Param``s. A ``required`` parameter (``weight`` wherever mergekit requires it)
+has no default: a config must give it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Param:
     # A per-model path to a tensor file with one tensor per model tensor (a Fisher, say): the
     # engine opens it beside the model and passes, under this name, one tensor per model.
     tensor_file: bool = False
+    # No default: every model must be given a value (mergekit's required parameters).
+    required: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         """Coerce and range-check a value; ``where`` names the tensor/model for the message."""
@@ -89,6 +92,9 @@ class MergeMethod:
     extra: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments (e.g. sparsify=)
     # (params of one tensor, "for tensor 'x'") -> a problem to report before merging, or None
     check: Callable[[dict[str, Any], str], str | None] | None = None
+    # (params of one tensor, its number of entries) -> where this merge deliberately differs from
+    # mergekit's, each with the key that selects mergekit's behaviour; warned once per plan
+    notes: Callable[[dict[str, Any], int], list[str]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -104,11 +110,15 @@ class MergeMethod:
         return tuple(p for p in self.params if p.tensor_file)
 
     def defaults(self, n_models: int) -> dict[str, Any]:
-        """The registry's default of every per-tensor parameter, for ``n_models`` models."""
-        return {p.name: [p.default] * n_models if p.per_model else p.default for p in self.tensor_params}
+        """The registry's default of every per-tensor parameter that has one, for ``n_models`` models."""
+        return {p.name: [p.default] * n_models if p.per_model else p.default
+                for p in self.tensor_params if not p.required}
 
     def __call__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None, **params: Any) -> torch.Tensor:
-        """Run the formula; parameters left out take the registry's defaults."""
+        """Run the formula; parameters left out take the registry's defaults (required ones must be given)."""
+        missing = [p.name for p in self.tensor_params if p.required and p.name not in params]
+        if missing:
+            raise TypeError(f"{self.name} needs {', '.join(missing)} (required, as in mergekit)")
         return self.fn(tensors if isinstance(tensors, list) else list(tensors), base, **self.extra,
                        **{**self.defaults(len(tensors)), **params})
 

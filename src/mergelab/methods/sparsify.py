@@ -1,4 +1,10 @@
-"""Sparsifying a task vector: keep its largest entries (TIES) or a random subset (DARE)."""
+"""Sparsifying a task vector: keep its largest entries (TIES), its mid-range entries
+(Breadcrumbs), a uniform random subset (DARE) or a magnitude-ranked random subset (DELLA).
+
+Counts follow mergekit: a top-k keeps k = int(density·numel) entries. Every random draw
+depends only on (seed, model index, tensor name), so DARE and DELLA masks are the same for any
+thread count or device.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,15 @@ class Sparsify(enum.Enum):
 
     MAGNITUDE = "magnitude"  # TIES trim: keep the top-k entries by |τ|
     RANDOM = "random"  # DARE: keep each entry with probability density
+    OUTLIERS = "magnitude_outliers"  # Breadcrumbs: drop the top gamma and the bottom, keep density
+    DELLA = "della_magprune"  # DELLA: keep with probability ranked by |τ| within each row
+
+
+class Rescale(enum.Enum):
+    """How the survivors of a sparsified task vector are scaled back up."""
+
+    KEEP_PROBABILITY = "keep_probability"  # divide each survivor by its keep probability (DARE, DELLA papers)
+    L1 = "l1"  # scale the whole tensor so its L1 norm is what it was before thinning (mergekit)
 
 
 def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:
@@ -41,19 +56,53 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(candidates, candidates.numel() - needed + 1).values.item())
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the top ``density`` fraction of ``delta`` by absolute value.
+def top_k_mask(magnitudes: torch.Tensor, k: int, keep_ties: bool) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat non-negative float32 tensor.
 
-    Entries tied with the threshold are all kept, so the result never depends on the
-    order in which equal values happen to be stored.
+    ``keep_ties``: every entry equal to the k-th largest is kept too, so the result never
+    depends on the order in which equal values are stored; otherwise exactly k entries are
+    kept, the tied ones first in storage order. Zeros are never kept (they change nothing).
     """
-    flat = delta.reshape(-1)
+    n = magnitudes.numel()
+    if k >= n:
+        return magnitudes > 0
+    if k <= 0:
+        return torch.zeros_like(magnitudes, dtype=torch.bool)
+    threshold = magnitude_threshold(magnitudes, k)
+    if threshold == 0:
+        return magnitudes > 0
+    if keep_ties:
+        return magnitudes >= threshold
+    keep = magnitudes > threshold
+    tied = magnitudes == threshold
+    room = k - int(keep.sum())  # how many of the tied entries still fit
+    keep |= tied & (tied.to(torch.int32).cumsum(0, dtype=torch.int32) <= room)
+    return keep
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, keep_ties: bool = True) -> torch.Tensor:
+    """Boolean mask of the top k = int(density·numel) entries of ``delta`` by absolute value
+    (TIES trim); see ``top_k_mask`` for ``keep_ties``."""
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
-    magnitudes = flat.abs().float()
-    k = int(round(density * flat.numel()))
-    threshold = magnitude_threshold(magnitudes, k)
-    return (magnitudes >= threshold).reshape(delta.shape) if threshold > 0 else (magnitudes > 0).reshape(delta.shape)
+    magnitudes = delta.reshape(-1).abs().float()
+    return top_k_mask(magnitudes, int(density * magnitudes.numel()), keep_ties).reshape(delta.shape)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float, keep_ties: bool = True) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top int(gamma·numel) entries by |τ| and as many of the
+    smallest as it takes to keep int(density·numel); when gamma + density > 1, fewer of the
+    largest are dropped so that density is still met."""
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitudes = delta.reshape(-1).abs().float()  # (numel,)
+    n = magnitudes.numel()
+    kept = int(density * n)
+    top = min(int(gamma * n), n - kept)
+    keep = top_k_mask(magnitudes, top + kept, keep_ties)
+    if top > 0:
+        keep &= ~top_k_mask(magnitudes, top, keep_ties)
+    return keep.reshape(delta.shape)
 
 
 def mask_seed(seed: int, model_index: int, key: str) -> int:
@@ -64,5 +113,69 @@ def mask_seed(seed: int, model_index: int, key: str) -> int:
 
 def dare_mask(shape: torch.Size, density: float, seed: int, model_index: int, key: str) -> torch.Tensor:
     """Bernoulli(density) keep-mask, drawn on the CPU so every device gets the same one."""
+    return dare_uniform(shape, seed, model_index, key) < density
+
+
+ROW_BLOCK = 1 << 22  # entries ranked at a time by DELLA: bounds the int64 sort buffers to ~64 MB
+
+
+def della_(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale | None, seed: int,
+           model_index: int, key: str) -> torch.Tensor:
+    """DELLA's MagPrune, in place: within each row (a 1-D tensor is one row), the entry of
+    rank r (0 = smallest |τ|, n−1 = largest) is kept with probability
+    p_r = density − ε + 2ε·r/(n−1), then survivors are divided by p_r (``KEEP_PROBABILITY``).
+
+    The uniform draws are DARE's (``dare_uniform``), so with ε = 0 this is exactly DARE.
+    Ties in |τ| are ranked in storage order.
+    """
+    # Probabilities and draws stay float32, as DARE's, so ε = 0 draws DARE's mask bit for bit.
+    draws = dare_uniform(delta.shape, seed, model_index, key).to(delta.device)
+    rows = delta.view(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)  # (rows, n), a view
+    draws = draws.view(rows.shape)
+    n = rows.shape[1]
+    step = 2 * epsilon / (n - 1) if n > 1 else 0.0
+    ramp = torch.arange(n, device=delta.device, dtype=torch.float32).mul_(step).add_(density - epsilon)  # p by rank
+    block = max(1, ROW_BLOCK // max(n, 1))
+    for start in range(0, rows.shape[0], block):
+        part = rows[start:start + block]
+        order = torch.argsort(part.abs(), dim=1, stable=True)  # (block, n): rank -> position
+        keep_probability = torch.empty(part.shape, device=delta.device).scatter_(1, order, ramp.expand(part.shape))
+        part.mul_(draws[start:start + block] < keep_probability)
+        if rescale is Rescale.KEEP_PROBABILITY:
+            part.div_(keep_probability)
+    return delta
+
+
+def dare_uniform(shape: torch.Size, seed: int, model_index: int, key: str) -> torch.Tensor:
+    """The uniform draws behind DARE's and DELLA's masks (CPU, float32)."""
     generator = torch.Generator(device="cpu").manual_seed(mask_seed(seed, model_index, key))
-    return torch.rand(shape, generator=generator) < density
+    return torch.rand(shape, generator=generator)
+
+
+def l1_rescale_(masked: torch.Tensor, l1_before: float, eps: float = 1e-7) -> torch.Tensor:
+    """Scale a thinned tensor in place so its L1 norm is ``l1_before`` again (mergekit's rescale);
+    left as is when either norm is below ``eps``."""
+    l1_after = float(masked.abs().sum())
+    if l1_before >= eps and l1_after >= eps:
+        masked.mul_(l1_before / l1_after)
+    return masked
+
+
+def sparsify_(delta: torch.Tensor, how: Sparsify, density: float, *, rescale: Rescale | None,
+              gamma: float | None = None, epsilon: float | None = None, keep_ties: bool = True,
+              seed: int | None = None, model_index: int = 0, key: str | None = None) -> torch.Tensor:
+    """Thin one task vector in place; density ≥ 1 leaves it untouched (as in mergekit)."""
+    if density >= 1.0:
+        return delta
+    l1_before = float(delta.abs().sum()) if rescale is Rescale.L1 else 0.0
+    if how is Sparsify.MAGNITUDE:
+        delta.mul_(magnitude_mask(delta, density, keep_ties))
+    elif how is Sparsify.OUTLIERS:
+        delta.mul_(outlier_mask(delta, density, gamma, keep_ties))
+    elif how is Sparsify.RANDOM:
+        delta.mul_(dare_mask(delta.shape, density, seed, model_index, key).to(delta.device))
+        if rescale is Rescale.KEEP_PROBABILITY:
+            delta.div_(density)
+    elif how is Sparsify.DELLA:
+        della_(delta, density, epsilon, rescale, seed, model_index, key)
+    return l1_rescale_(delta, l1_before) if rescale is Rescale.L1 else delta

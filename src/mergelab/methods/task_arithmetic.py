@@ -1,9 +1,14 @@
-"""Task Arithmetic, TIES and DARE as configurations of one function over task vectors.
+"""Task Arithmetic, TIES, DARE, Model Breadcrumbs and DELLA as configurations of one function
+over task vectors.
 
 θ = θ_b + λ · combine(sparsify(τ_i) · w_i), τ_i = θ_i − θ_b, where
 - ``sparsify``: None (Task Arithmetic), ``Sparsify.MAGNITUDE`` (TIES trim: top-k by |τ|,
-  k = density·numel), or ``Sparsify.RANDOM`` (DARE: keep each entry with probability density,
-  rescale survivors by 1/density unless ``rescale`` is false);
+  k = int(density·numel)), ``Sparsify.OUTLIERS`` (Breadcrumbs: drop the top ``gamma`` and the
+  bottom, keep density), ``Sparsify.RANDOM`` (DARE: keep each entry with probability density)
+  or ``Sparsify.DELLA`` (keep probabilities ranked by |τ| within a row, density ± ``epsilon``);
+- ``rescale``: scale the survivors back up: for DARE/DELLA by 1/keep-probability as their papers
+  do, or to the task vector's L1 norm (``rescale_l1``, mergekit's rescale); for TIES and
+  Breadcrumbs ``rescale`` always means the L1 rescale (mergekit's; their papers have none);
 - ``consensus``: None (plain sum) or ``Consensus.SIGN`` (TIES elect: γ = sgn Σ_i w_i τ̂_i, and
   only entries whose sign agrees with γ are combined; zeros never vote);
 - ``normalize``: divide by the sum of the weights that took part (per entry under consensus),
@@ -19,7 +24,7 @@ import enum
 import torch
 
 from mergelab.errors import MergelabError
-from mergelab.methods.sparsify import Sparsify, dare_mask, magnitude_mask
+from mergelab.methods.sparsify import Rescale, Sparsify, sparsify_
 
 
 class Consensus(enum.Enum):
@@ -38,15 +43,21 @@ def generalized_task_arithmetic(
     consensus: Consensus | None,
     density: list[float] | None,
     rescale: bool | None,
+    rescale_l1: bool | None,
+    gamma: list[float] | None,
+    epsilon: list[float] | None,
+    keep_ties: bool | None,
     seed: int | None,
     key: str | None,
     **scale: float,
 ) -> torch.Tensor:
     """θ_b + λ · combine(w_i · sparsify(τ_i)); ``scale`` holds ``lambda`` (a Python keyword).
 
-    ``density`` is needed with ``sparsify``; ``rescale``, ``seed`` and ``key`` (the tensor name)
-    with ``Sparsify.RANDOM``; the registry passes None for those a configuration does not use.
-    No parameter has a default here: defaults live in the registry (``mergelab.methods``).
+    ``density`` and ``rescale`` are needed with ``sparsify``; ``keep_ties`` with the magnitude
+    ones (MAGNITUDE, OUTLIERS), ``gamma`` with OUTLIERS, ``epsilon`` with DELLA, and
+    ``rescale_l1``, ``seed`` and ``key`` (the tensor name) with the random ones (RANDOM, DELLA);
+    the registry passes None for those a configuration does not use. No parameter has a
+    default here: defaults live in the registry (``mergelab.methods``).
     """
     sparsify = None if sparsify is None else Sparsify(sparsify)  # a typo fails here, not silently
     consensus = None if consensus is None else Consensus(consensus)
@@ -55,17 +66,25 @@ def generalized_task_arithmetic(
     lam = scale.pop("lambda")
     if scale:
         raise TypeError(f"unexpected parameters {sorted(scale)}")
-    if sparsify is not None and density is None:
-        raise TypeError(f"sparsify={sparsify.value!r} needs density")
-    if sparsify is Sparsify.RANDOM and (rescale is None or seed is None or key is None):
-        raise TypeError("sparsify='random' needs rescale, seed and key")
+    needs = {"density": density, "rescale": rescale}
+    if sparsify in (Sparsify.MAGNITUDE, Sparsify.OUTLIERS):
+        needs.update(keep_ties=keep_ties, gamma=gamma if sparsify is Sparsify.OUTLIERS else 0.0)
+    if sparsify in (Sparsify.RANDOM, Sparsify.DELLA):
+        needs.update(rescale_l1=rescale_l1, seed=seed, key=key,
+                     epsilon=epsilon if sparsify is Sparsify.DELLA else 0.0)
+    missing = [name for name, value in needs.items() if value is None]
+    if sparsify is not None and missing:
+        raise TypeError(f"sparsify={sparsify.value!r} needs {', '.join(missing)}")
+    how = None
+    if sparsify is not None and rescale:
+        random = sparsify in (Sparsify.RANDOM, Sparsify.DELLA)
+        how = Rescale.KEEP_PROBABILITY if random and not rescale_l1 else Rescale.L1
     for index, w in enumerate(weight):
         delta = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
-        d = density[index] if sparsify is not None else 1.0
-        if sparsify is Sparsify.MAGNITUDE and d < 1.0:
-            delta.mul_(magnitude_mask(delta, d))
-        elif sparsify is Sparsify.RANDOM and d < 1.0:
-            delta.mul_(dare_mask(delta.shape, d, seed, index, key).to(delta.device)).div_(d if rescale else 1.0)
+        if sparsify is not None:
+            sparsify_(delta, sparsify, density[index], rescale=how, keep_ties=bool(keep_ties),
+                      gamma=gamma[index] if gamma else None, epsilon=epsilon[index] if epsilon else None,
+                      seed=seed, model_index=index, key=key)
         delta.mul_(w)
     merged = _sign_consensus(tensors, weight, normalize) if consensus else _plain_sum(tensors, weight, normalize)
     return merged.mul_(lam).add_(base)

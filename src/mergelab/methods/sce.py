@@ -1,0 +1,59 @@
+"""SCE (Wan et al. 2024, FuseChat, arXiv:2408.07990 §3.3): Select, Calculate, Erase.
+
+Over the task vectors τ_i = θ_i − θ_b of one tensor:
+1. Select: keep only the positions whose variance across the τ_i is among the top
+   ``select_topk`` fraction (of the positions with non-zero variance), zeroing the rest in every τ_i;
+2. Calculate: one weight per task vector, η_i = mean(τ_i²) / Σ_j mean(τ_j²) (uniform when the
+   mean squares sum to under 1e-6, as mergekit does);
+3. Erase: TIES sign election on Σ_i τ_i; per entry, combine only the τ_i that agree with it.
+
+θ = θ_b + Σ_i η_i m_i τ_i / Σ_i η_i m_i, m_i the agreement mask (the denominator is clamped
+at 1e-6 where no weight agrees).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergelab.methods.sparsify import top_k_mask
+
+UNIFORM_BELOW = 1e-6  # mean squares summing to less than this give every task vector the same weight
+
+
+def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float, keep_ties: bool) -> torch.Tensor:
+    """SCE of the experts' task vectors over ``base``; holds the N task vectors plus two tensors."""
+    n = len(tensors)
+    deltas = [tensor.sub_(base) for tensor in tensors]  # τ_i, in the experts' own buffers
+    if select_topk < 1.0:
+        mean = torch.zeros_like(base)
+        for delta in deltas:
+            mean.add_(delta, alpha=1.0 / n)
+        variance = torch.zeros_like(base)
+        for delta in deltas:
+            variance.add_((delta - mean).square_(), alpha=1.0 / n)  # population variance, as mergekit
+        del mean
+        spread = variance.reshape(-1).float()  # (numel,)
+        k = int(int(torch.count_nonzero(spread)) * select_topk)
+        selected = top_k_mask(spread, k, keep_ties).reshape(base.shape)
+        del variance, spread
+        for delta in deltas:
+            delta.mul_(selected)
+        del selected
+    mean_squares = [float(torch.linalg.vector_norm(delta)) ** 2 / delta.numel() for delta in deltas]
+    total = sum(mean_squares)
+    weights = [1.0 / n] * n if abs(total) < UNIFORM_BELOW else [m / total for m in mean_squares]
+    elected = torch.zeros_like(base)
+    for delta in deltas:
+        elected.add_(delta)
+    positive = elected >= 0  # γ = +1 here (ties go to +), bool
+    del elected
+    merged = torch.zeros_like(base)
+    agreeing_weight = torch.zeros_like(base)
+    for index, weight in enumerate(weights):
+        delta = deltas[index]
+        agrees = (delta > 0) == positive
+        agrees &= delta != 0  # zeros never agree
+        merged.add_(delta.mul_(agrees), alpha=weight)
+        agreeing_weight.add_(agrees, alpha=weight)
+        deltas[index] = tensors[index] = delta = None  # release as we go
+    return merged.div_(agreeing_weight.clamp_(min=UNIFORM_BELOW)).add_(base)
