@@ -4,6 +4,11 @@ split-digits experiment through the CLI, and all-or-nothing result directories."
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -144,10 +149,60 @@ def test_cli_errors_exit_2_without_a_traceback(tmp_path):
     assert neither.exit_code == 2 and "error: give either a SPEC file or --digits" in neither.output
     bad = runner.invoke(main, ["sfa", str(write_spec(tmp_path, tiny_spec(methods=[{"method": "sfa", "beta": 2}]))),
                                "--out", str(tmp_path / "out")])
-    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "stream.yml: SFA beta must be in [0, 1]" in bad.output
+    assert bad.exit_code == 2 and bad.output.startswith("error: ")
+    assert "stream.yml: SFA beta must be in [0, 1]" in bad.output
     (tmp_path / "taken").mkdir()
     taken = runner.invoke(main, ["sfa", "--digits", "--out", str(tmp_path / "taken")])
     assert taken.exit_code == 2 and "already exists" in taken.output and "Traceback" not in taken.output
+
+
+READ_ONLY = Path("/sys/kernel/mergelab-sfa")  # /sys is read-only, even for root
+
+
+def bad_outs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    existing_file = tmp_path / "results.txt"
+    existing_file.write_text("not a directory")
+    cases = {"an existing file": (existing_file, r"output path .*results.txt exists and is not a directory")}
+    try:
+        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
+    except OSError:
+        cases["a read-only place"] = (READ_ONLY, r"cannot write .*mergelab-sfa: /sys/kernel is not writable")
+    return cases
+
+
+def listing(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["an existing file", "a read-only place"])
+@pytest.mark.parametrize("digits", [False, True], ids=["spec", "digits"])
+def test_a_bad_out_is_refused_before_any_training(tmp_path, monkeypatch, case, digits):
+    cases = bad_outs(tmp_path)
+    if case not in cases:
+        pytest.skip("no read-only file system here")
+    out, message = cases[case]
+    monkeypatch.setattr("mergelab.continual.lm.run_stream", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr("mergelab.studies.digits.run_split_digits", lambda *a, **k: pytest.fail("trained"))
+    spec = write_spec(tmp_path, tiny_spec())
+    before = listing(tmp_path)
+    with pytest.raises(MergelabError, match=message):
+        run_digits_experiment(out, quiet=True) if digits else run_spec(spec, out, quiet=True)
+    source = ["--digits"] if digits else [str(spec)]
+    result = CliRunner().invoke(main, ["sfa", *source, "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert re.match(r"error: [^\n]*" + message, result.stderr) and len(result.stderr.strip().splitlines()) == 1
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_bad_out_through_the_console_script(tmp_path):
+    script = ROOT / ".venv" / "bin" / "mergelab"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mergelab.cli"]
+    for out, message in bad_outs(tmp_path).values():
+        done = subprocess.run([*command, "sfa", "--digits", "--out", str(out), "--quiet"], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and re.match(r"error: [^\n]*" + message, done.stderr), done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_a_failure_leaves_no_half_written_results(tmp_path, monkeypatch):

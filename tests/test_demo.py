@@ -1,0 +1,69 @@
+"""`mergelab demo`: where it may write is checked before the world is built, and a bad --out
+is one `error:` line with exit 2 (API, CLI and the console script), with nothing left behind.
+(The quick demo end to end runs in tests/test_cli.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mergelab import MergelabError
+from mergelab.cli import main
+from mergelab.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".venv" / "bin" / "mergelab"
+READ_ONLY = Path("/sys/kernel/mergelab-demo")  # /sys is read-only, even for root
+
+
+def read_only_here() -> bool:
+    try:
+        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
+    except OSError:
+        return True
+    return False
+
+
+def out_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    existing_file = tmp_path / "report.txt"
+    existing_file.write_text("not a directory")
+    cases = {"an existing file": (existing_file, r"output path .*report.txt exists and is not a directory")}
+    if read_only_here():
+        cases["a read-only place"] = (READ_ONLY, r"cannot write .*mergelab-demo: /sys/kernel is not writable")
+    return cases
+
+
+def listing(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["an existing file", "a read-only place"])
+def test_a_bad_out_is_refused_before_the_world_is_built(tmp_path, monkeypatch, case):
+    cases = out_paths(tmp_path)
+    if case not in cases:
+        pytest.skip("no read-only file system here")
+    out, message = cases[case]
+    monkeypatch.setattr("mergelab.demo.world.build_world", lambda *a, **k: pytest.fail("built before the check"))
+    before = listing(tmp_path)
+    with pytest.raises(MergelabError, match=message):
+        run_demo(out, quiet=True, cache=tmp_path / "cache")
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_bad_out_through_the_console_script(tmp_path):
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mergelab.cli"]
+    for out, message in out_paths(tmp_path).values():
+        done = subprocess.run([*command, "demo", "--out", str(out), "--quiet"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
