@@ -146,11 +146,13 @@ def grid_cases(p, tmp_path, out):
     read_only = Path("/sys/kernel/mergelab-grid")  # read-only even for root
     return {
         "out is a file": (["grid", grid_spec(p, tmp_path), "--out", p["a_file"]],
-                          [f"grid output {p['a_file']} exists and is not a directory"]),
+                          [f"output path {p['a_file']} exists and is not a directory"]),
         "out under a file": (["grid", grid_spec(p, tmp_path), "--out", p["a_file"] / "sub"],
-                             [f"cannot write the grid output {p['a_file'] / 'sub'}"]),
+                             [f"cannot create {p['a_file'] / 'sub'}: {p['a_file']} is a file"]),
         "read-only out": (["grid", grid_spec(p, tmp_path), "--out", read_only],
-                          [f"cannot write the grid output {read_only}"]),
+                          [f"cannot write {read_only}: /sys/kernel is not writable"]),
+        "out inside an input model": (["grid", grid_spec(p, tmp_path), "--out", p["base"] / "grid"],
+                                      [f"lies inside input model {p['base']}"]),
         "expert without tokenizer": (["grid", grid_spec(p, tmp_path, base=str(p["no_tokenizer"])), "--out", out],
                                      [f"{p['no_tokenizer']} has no tokenizer"]),
         "tasks with bad data": (["grid", grid_spec(p, tmp_path, tasks=str(p["tasks_bad_data.yml"])), "--out", out],
@@ -163,7 +165,8 @@ CASES = {"eval": ["missing model", "no tokenizer", "pickled .bin", "no model", "
          "cocktail": ["examples bad line 3", "empty examples", "example without output", "missing examples", "candidate without tokenizer",
                       "pickled candidate", "missing candidate", "sweep with bad examples",
                       "sweep with candidate lacking a tokenizer"],
-         "grid": ["out is a file", "out under a file", "read-only out", "expert without tokenizer",
+         "grid": ["out is a file", "out under a file", "read-only out", "out inside an input model",
+                  "expert without tokenizer",
                   "tasks with bad data"]}
 
 
@@ -239,6 +242,9 @@ def test_api_cocktail_checks_the_output_before_computing(hostile, tmp_path, monk
 def test_api_grid_errors(hostile, tmp_path):
     with pytest.raises(MergelabError, match="exists and is not a directory"):
         run_grid(grid_spec(hostile, tmp_path), hostile["a_file"], log=lambda *_: None)
+    with pytest.raises(MergelabError, match="lies inside input model"):
+        run_grid(grid_spec(hostile, tmp_path), hostile["peer"] / "grid", log=lambda *_: None)
+    assert not (hostile["peer"] / "grid").exists()
     with pytest.raises(MergelabError, match="has no tokenizer"):
         run_grid(grid_spec(hostile, tmp_path, base=str(hostile["no_tokenizer"])), tmp_path / "g",
                  log=lambda *_: None)

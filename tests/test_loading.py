@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -109,7 +110,7 @@ def test_pickled_bin_checkpoint_is_refused_without_unsafe_advice(tiny_world, tmp
     with pytest.raises(MergelabError) as error:
         load_model(tmp_path)
     first = one_line(error)
-    assert first.startswith(f"{tmp_path / 'pytorch_model.bin'} is not a plain tensor checkpoint")
+    assert f"{tmp_path / 'pytorch_model.bin'} is not a plain tensor checkpoint" in first
     assert "convert it to safetensors" in first
     assert "weights_only" not in str(error.value)
 
@@ -130,3 +131,45 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     build_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(MergelabError, match="the tokenizer does not belong to this model"):
         load_model(tmp_path)
+
+
+def model_dir_with(tmp_path, state: dict, config_changes: dict | None = None):
+    """A directory with the tiny Llama's config (optionally changed), the tokenizer and ``state``."""
+    from safetensors.torch import save_file
+
+    model = tiny_llama(seed=0)
+    model.config.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    if config_changes:
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, **config_changes}))
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return tmp_path
+
+
+def test_checkpoint_lacking_tensors_is_refused_not_filled_with_noise(tmp_path):
+    # transformers would initialize the missing tensor randomly and only log it
+    state = {k: v.contiguous() for k, v in tiny_llama(seed=0).state_dict().items()
+             if k not in ("model.norm.weight", "lm_head.weight")}
+    with pytest.raises(MergelabError, match=r"the weights lack 1 of the model's tensors \(e\.g\. 'model\.norm\.weight'\)"):
+        load_model(model_dir_with(tmp_path, state))
+
+
+def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
+    model = tiny_llama(seed=0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    directory = model_dir_with(tmp_path, state, {"intermediate_size": model.config.intermediate_size * 2})
+    with pytest.raises(MergelabError, match="does not have the shape config.json implies") as error:
+        load_model(directory)
+    one_line(error)
+
+
+@pytest.mark.parametrize("weights", [b"not a safetensors file", b"\x02\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_corrupt_or_empty_safetensors_is_found_by_the_cheap_check(tmp_path, weights):
+    model = tiny_llama(seed=0)
+    model.config.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    with pytest.raises(MergelabError, match=str(tmp_path)) as error:
+        check_model_dir(tmp_path)
+    one_line(error)

@@ -12,9 +12,10 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from mergelab.errors import MergelabError
-from mergelab.io import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
+from mergelab.io import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, CheckpointReader, unsafe_checkpoint_message
 
 KINDS = ("causal", "encoder")
 WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
@@ -23,17 +24,6 @@ WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",), ("sentencepiece.bpe.model",),
                    ("vocab.txt",), ("vocab.json", "merges.txt"))
 TOKENIZER_HINT = "pass --tokenizer PATH (tokenizer= in the Python API) to use another directory's tokenizer"
-
-
-def not_plain_checkpoint(file: str | Path) -> MergelabError:
-    """The error for a ``.bin`` file that ``torch.load(weights_only=True)`` refuses.
-
-    Such a file pickles Python objects besides tensors; loading it would run arbitrary code, so
-    mergelab never does. Shared by every loader so the advice is the same everywhere.
-    """
-    return MergelabError(f"{file} is not a plain tensor checkpoint (it pickles other Python objects, which are "
-                         f"never loaded for safety); convert it to safetensors\n"
-                         f"  hint: where the checkpoint was made, model.save_pretrained(DIR) writes safetensors")
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -72,6 +62,8 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, wh
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise MergelabError(f"{what} directory {path} holds no model weights (expected one of "
                             f"{', '.join(WEIGHT_FILES)})")
+    with CheckpointReader(path, label=path.name):  # validates every weights file's layout, reads no tensor
+        pass
     if tokenizer is None:
         if not _has_tokenizer(path):
             raise MergelabError(f"{what} directory {path} has no tokenizer (none of {_tokenizer_files_text()})\n"
@@ -103,6 +95,20 @@ def _bin_files(path: Path) -> str:
     if (path / BIN_SINGLE).is_file():
         return str(path / BIN_SINGLE)
     return f"a .bin shard listed in {path / BIN_INDEX}"
+
+
+def _check_loading_info(info: dict, path: Path, what: str) -> None:
+    """transformers fills tensors the checkpoint lacks with random values and only logs it:
+    scoring such a model would silently score noise, so refuse it."""
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing:
+        raise MergelabError(f"{what} {path}: the weights lack {len(missing)} of the model's tensors (e.g. "
+                            f"'{missing[0]}'); the checkpoint is incomplete or for another architecture")
+    if mismatched:
+        name, *shapes = mismatched[0]
+        found = f" (checkpoint {tuple(shapes[0])}, config {tuple(shapes[1])})" if len(shapes) == 2 else ""
+        raise MergelabError(f"{what} {path}: tensor '{name}' does not have the shape config.json implies{found}; "
+                            f"the checkpoint does not match its config")
 
 
 def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None, *, what: str = "model"):
@@ -145,12 +151,15 @@ def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path 
     loaded_tokenizer = load_tokenizer(path, tokenizer, what=what)
     loader = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:
-        model = loader.from_pretrained(path, dtype=dtype)
+        # mismatched shapes are reported in ``info`` (and refused below) rather than raised as a RuntimeError
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                             ignore_mismatched_sizes=True)
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickled object
-        raise not_plain_checkpoint(_bin_files(path)) from None
-    except (OSError, ValueError, KeyError) as exc:
+        raise MergelabError(unsafe_checkpoint_message(_bin_files(path))) from None
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise MergelabError(f"cannot load {what} {path} as a {'causal LM' if kind == 'causal' else 'encoder'}: "
                             f"{first_line(exc)}") from None
+    _check_loading_info(info, path, what)
     model = model.to(device).eval()
     check_vocab(model, loaded_tokenizer, str(path))
     return model, loaded_tokenizer

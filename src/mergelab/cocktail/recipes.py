@@ -21,6 +21,7 @@ from mergelab.cocktail.loss import LossOptions, check_examples
 from mergelab.cocktail.weights import fewshot_losses, pooled, softmax_weights
 from mergelab.errors import MergelabError
 from mergelab.loading import check_model_dir
+from mergelab.outdir import check_output_dir
 
 RECIPES = ("full", "mono", "no_finetune", "unified", "blackbox")
 
@@ -91,8 +92,8 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
                                                   recipe=recipe, alpha=alpha, temperature=temperature,
                                                   model_type=model_type, options=options, tokenizer=tokenizer)
     losses = None
-    if out_dir is not None and Path(out_dir).exists() and not force:  # before computing any loss
-        raise MergelabError(f"output {out_dir} already exists; choose another directory or pass --force")
+    if out_dir is not None:  # before computing any loss
+        check_output_dir(out_dir, force, inputs=[m for m in (finetuned, *candidates) if m is not None])
     if recipe == "mono":
         weights = [1.0]
     elif recipe == "blackbox":

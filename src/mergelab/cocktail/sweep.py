@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from mergelab.cocktail.loss import LossOptions
 from mergelab.cocktail.recipes import check_cocktail, cocktail
 from mergelab.errors import MergelabError
+from mergelab.outdir import check_output_dir
 from mergelab.evaluate import evaluate_models, load_tasks, write_rows
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -59,8 +60,7 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
                        temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MergelabError(f"sweep output {out_dir} exists and is not a directory; choose another path")
+    check_output_dir(out_dir, force=True, inputs=[m for m in (finetuned, base, *peers) if m is not None])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         models_dir = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))

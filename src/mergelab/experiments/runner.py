@@ -12,10 +12,8 @@ Results contract (``OUT/results.csv``)::
 from __future__ import annotations
 
 import csv
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +23,7 @@ from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, normalized_performance, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
 from mergelab.loading import first_line
+from mergelab.outdir import check_output_dir
 from mergelab.methods import get_method
 
 RESULT_COLUMNS = ("method", "n_experts", "seed", "experts", "task", "category", "split", "score",
@@ -60,9 +59,13 @@ def plan_cells(spec: GridSpec) -> list[Cell]:
 def merge_config(spec: GridSpec, method_name: str, experts: tuple[str, ...]) -> dict:
     method = next(m for m in spec.methods if m.name == method_name)
     models = {e.name: e.model for e in spec.experts}
+    parameters = dict(method.parameters)
+    registered = get_method(method.merge_method)
+    if registered.param("weight") is not None and registered.param("weight").required:
+        parameters.setdefault("weight", 1.0)  # the grid weighs its experts equally unless the spec says otherwise
     config = {"merge_method": method.merge_method, "models": [{"model": models[e]} for e in experts],
-              "parameters": dict(method.parameters)}
-    if get_method(method.merge_method).uses_base:
+              "parameters": parameters}
+    if registered.uses_base:
         config["base_model"] = spec.base
     return config
 
@@ -147,7 +150,7 @@ def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executo
     if executor not in ("local", "ray"):
         raise MergelabError(f"executor '{executor}' is not known; use local or ray")
     out_dir = Path(out_dir)
-    created = _make_output_dir(out_dir)
+    created = _make_output_dir(out_dir, [spec.base, spec.multitask, *(e.model for e in spec.experts)])
     results = out_dir / "results.csv"
     try:
         return _run(spec, tasks, out_dir, results, executor, address, keep_models, log)
@@ -157,26 +160,18 @@ def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executo
         raise
 
 
-def _make_output_dir(out_dir: Path) -> Path | None:
+def _make_output_dir(out_dir: Path, inputs: list[str | None]) -> Path | None:
     """Create (or reuse, to resume) the grid's output directory; the topmost directory created, if any.
 
-    An existing file, a location that cannot be created, or one that cannot be written is a
-    user error naming the path, found before any model is scored.
+    An existing file, a location that cannot be written, or one inside an input model is a
+    user error naming the path (``check_output_dir``), found before any model is scored.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MergelabError(f"grid output {out_dir} exists and is not a directory; remove it or choose another --out")
+    check_output_dir(out_dir, force=True, inputs=[model for model in inputs if model is not None])
     missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # root ignores permission bits, so only a real write tells whether results can be written
-        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=out_dir)
-        os.close(handle)
-        os.unlink(probe)
     except OSError as exc:
-        if missing and missing[-1].exists():
-            shutil.rmtree(missing[-1], ignore_errors=True)
-        raise MergelabError(f"cannot write the grid output {out_dir}: {exc.strerror or exc}; "
-                            f"choose another --out") from None
+        raise MergelabError(f"cannot create the grid output {out_dir}: {exc.strerror or exc}") from None
     return missing[-1] if missing else None
 
 
