@@ -84,7 +84,8 @@ def test_example_config_plans_the_merge_it_describes(example_ties, tmp_path):
         for job in plan.jobs:
             assert job.shape == tensors[job.name].shape and job.out_dtype == torch.bfloat16
             # weight and density per model (expert-sort overrides density), lambda and normalize global
-            assert job.params == {"weight": [1.0, 0.5], "lambda": 1.0, "normalize": True, "density": [0.2, 0.4]}
+            assert job.params == {"weight": [1.0, 0.5], "lambda": 1.0, "normalize": True, "density": [0.2, 0.4],
+                                  "rescale": False, "keep_ties": True}
     finally:
         plan.close()
 
@@ -143,6 +144,8 @@ def test_readme_method_table_states_the_registry_defaults():
             assert per_model == param.per_model, (name, param_name)
             if param.tensor_file:
                 assert value is None, (name, param_name)
+            elif param.required:
+                assert value == "required", (name, param_name)
             elif param.kind is bool:
                 assert value == str(param.default).lower(), (name, param_name)
             else:

@@ -39,12 +39,16 @@ def write_config(path: Path, config: dict | str) -> Path:
 
 
 def linear(*models: str, **parameters) -> dict:
-    return {"merge_method": "linear", "models": [{"model": m} for m in models], "parameters": parameters}
+    return {"merge_method": "linear", "models": [{"model": m} for m in models],
+            "parameters": {"weight": 1.0, **parameters}}  # weight is required, as in mergekit
 
 
 def with_base(method: str, base: str, *models: str, **parameters) -> dict:
+    from mergelab.methods import METHODS
+
+    weight = {"weight": 1.0} if METHODS[method].param("weight") else {}
     return {"merge_method": method, "base_model": base, "models": [{"model": m} for m in models],
-            "parameters": parameters}
+            "parameters": {**weight, **parameters}}
 
 
 def leftovers(out: Path) -> list[str]:

@@ -336,7 +336,7 @@ def methods() -> None:
 
 
 def _describe_param(param) -> str:
-    value = "PATH" if param.tensor_file else param.default
+    value = "PATH" if param.tensor_file else "required" if param.required else param.default
     return f"{param.name}={value}" + ("*" if param.per_model else "") + (" (ignored)" if param.ignored else "")
 
 

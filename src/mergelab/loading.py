@@ -1,9 +1,9 @@
 """Load a Hugging Face model directory as a transformers model, with one set of clear errors.
 
 Evaluation, LM-Cocktail, continual training and Fisher estimation all load models through
-``load_model``. ``check_model_dir`` makes the cheap checks (the path exists, holds a config and
-weights, and has a usable tokenizer) without loading any weights, so a command can run it on
-every input before its first expensive step.
+``load_model``. ``check_model_dir`` makes the cheap checks (the path exists, holds a config,
+weights whose files are well formed, and a usable tokenizer) without building the model, so a
+command can run it on every input before its first expensive step.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _tokenizer_files_text() -> str:
 
 
 def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, what: str = "model") -> Path:
-    """Check that ``path`` is a model directory with a usable tokenizer, loading no weights.
+    """Check that ``path`` is a model directory with a usable tokenizer, without building the model.
+
+    The weights files' layout is validated (safetensors headers; a ``.bin`` is memory-mapped
+    with ``weights_only``), so a corrupt or unsafe checkpoint is refused here too.
 
     Args:
         path: a Hugging Face model directory (config.json plus safetensors or .bin weights).

@@ -38,16 +38,17 @@ def posthoc_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], par
                  ) -> dict[str, Any]:
     """The mergekit-style config of a post-hoc baseline.
 
-    Defaults: Task Arithmetic with λ = 1/N (θ_b + mean of the task vectors, the paper's equal
-    weights, e.g. "0.5 law, 0.5 math"); TIES with the registry's defaults. ``parameters``
-    overrides them (any parameter of that method, e.g. ``{"lambda": 0.8}`` or ``{"density": 0.5}``).
+    Defaults: every model weighs 1; Task Arithmetic with λ = 1/N (θ_b + mean of the task vectors,
+    the paper's equal weights, e.g. "0.5 law, 0.5 math"); TIES at the paper's density 0.2 (the
+    registry's default is mergekit's 1, no trimming). ``parameters`` overrides them (any
+    parameter of that method, e.g. ``{"lambda": 0.8}`` or ``{"density": 0.5}``).
     """
     if method not in POSTHOC_METHODS:
         raise MergelabError(f"post-hoc baseline '{method}' is unknown; choose one of: {', '.join(POSTHOC_METHODS)}")
     if not expert_dirs:
         raise MergelabError(f"{method} needs at least one per-task model")
-    merged_params: dict[str, Any] = {"lambda": 1.0 / len(expert_dirs)} if method == "task_arithmetic" else {}
-    merged_params.update(parameters or {})
+    paper = {"lambda": 1.0 / len(expert_dirs)} if method == "task_arithmetic" else {"density": 0.2}
+    merged_params: dict[str, Any] = {"weight": 1.0, **paper, **(parameters or {})}
     return {"merge_method": method, "base_model": str(base_dir),
             "models": [{"model": str(path)} for path in expert_dirs], "parameters": merged_params}
 
