@@ -330,9 +330,9 @@ def methods() -> None:
     from mergelab.methods import METHODS
 
     for method in METHODS.values():
-        params = ", ".join(_describe_param(p) for p in method.params)
+        params = ", ".join(_describe_param(p) for p in method.params) or "none"
         click.echo(f"{method.name:16} {method.summary}\n{'':16} models: {_describe_models(method)}\n"
-                   f"{'':16} params: {params}   (* per model)\n{'':16} {method.paper}")
+                   f"{'':16} params: {params}   (* per model)\n{'':16} paper: {method.paper}")
 
 
 def _describe_param(param) -> str:
@@ -343,6 +343,8 @@ def _describe_param(param) -> str:
 def _describe_models(method) -> str:
     low, high = method.min_models, method.max_models
     count = f"exactly {low}" if low == high else f"{low} or more" if high is None else f"{low} to {high}"
+    if method.optional_base:
+        return f"{count}; base_model optional (with it, task vectors are merged; it never counts as a model)"
     if not method.uses_base:
         return f"{count}; base_model not used"
     first = " (without base_model, the first listed model is the base)" if method.first_model_is_base else ""

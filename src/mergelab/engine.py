@@ -175,7 +175,7 @@ def _assign_roles(cfg: MergeConfig, method: MergeMethod):
     refs = [entry.model for entry in cfg.models]
     base = cfg.base_model
     first_is_base = False
-    if method.uses_base:
+    if method.uses_base or (method.optional_base and base is not None):
         if base is None and method.first_model_is_base:
             base, first_is_base = refs[0], True
         if base is None:

@@ -17,8 +17,13 @@ from __future__ import annotations
 
 from mergelab.errors import MergelabError
 from mergelab.methods.base import MergeMethod, Param
+from mergelab.methods.arcee_fusion import arcee_fusion, arcee_fusion_notes
+from mergelab.methods.karcher import check_karcher, karcher
 from mergelab.methods.linear import check_fisher, check_lm_cocktail, fisher, linear, lm_cocktail, normalize_check
 from mergelab.methods.model_stock import model_stock
+from mergelab.methods.multislerp import check_multislerp, multislerp
+from mergelab.methods.nearswap import nearswap
+from mergelab.methods.nuslerp import nuslerp
 from mergelab.methods.passthrough import passthrough
 from mergelab.methods.ram import ram, ramplus_tl
 from mergelab.methods.sce import sce
@@ -211,6 +216,44 @@ METHODS: dict[str, MergeMethod] = {
         "Shoemake 1985; as popularised by mergekit", uses_base=True, first_model_is_base=True,
         min_models=1, max_models=1,
         summary="spherical interpolation between two models",
+    ),
+    "nuslerp": MergeMethod(
+        "nuslerp", nuslerp,
+        (WEIGHT,
+         Param("nuslerp_flatten", True, kind=bool, help="interpolate the flattened tensors (false: slice by slice)"),
+         Param("nuslerp_row_wise", False, kind=bool,
+               help="with nuslerp_flatten false: slices along the first dimension instead of the last")),
+        "Shoemake 1985 (SLERP); mergekit's NuSLERP: t from weights, optionally on task vectors",
+        optional_base=True, min_models=2, max_models=2,
+        summary="SLERP from the first model to the second at t = w_2/(w_1+w_2); task vectors if base_model",
+    ),
+    "multislerp": MergeMethod(
+        "multislerp", multislerp,
+        (WEIGHT, Param("normalize_weights", True, kind=bool, help="divide the weights by their sum"),
+         Param("eps", 1e-8, low=0.0, help="added to each norm before dividing by it")),
+        "Goddard 2025, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea)", optional_base=True,
+        summary="barycentre on the sphere: weighted mean direction × weighted mean norm",
+        check=check_multislerp,
+    ),
+    "karcher": MergeMethod(
+        "karcher", karcher,
+        (Param("max_iter", 10, kind=int, low=0.0, help="most steps of the Riemannian mean iteration"),
+         Param("tol", 1e-5, low=0.0, help="stop when the mean tangent step is shorter (radians)")),
+        "Karcher 1977, Riemannian center of mass (the Fréchet mean on the sphere), as in mergekit",
+        summary="Riemannian mean of the directions × mean norm", check=check_karcher,
+    ),
+    "nearswap": MergeMethod(
+        "nearswap", nearswap,
+        (Param("t", None, required=True, low=0.0,
+               help="entries within t of the base are taken whole; farther ones move t toward the other model"),),
+        "alchemonaut 2024, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)", uses_base=True,
+        min_models=1, max_models=1, summary="θ_b + clamp(t/|θ_1 − θ_b|, 0, 1)·(θ_1 − θ_b)",
+    ),
+    "arcee_fusion": MergeMethod(
+        "arcee_fusion", arcee_fusion, (),
+        "Arcee AI 2025, Arcee Fusion (mergekit v0.1 release blog)", uses_base=True, min_models=1, max_models=1,
+        summary="take θ_1 where |θ_1 − θ_b|·KL(softmax) is an outlier (≥ median + 1.5·IQR)",
+        notes=arcee_fusion_notes,
     ),
     "model_stock": MergeMethod(
         "model_stock", model_stock,

@@ -85,6 +85,9 @@ class MergeMethod:
     uses_base: bool = False  # True: base_model is required and enters the formula
     # True: without base_model, the first listed model is the base (slerp's first endpoint).
     first_model_is_base: bool = False
+    # True (uses_base False): base_model may be given; then it is the base (task vectors are merged
+    # relative to it, it is never one of the merged models), and without it the models are merged.
+    optional_base: bool = False
     min_models: int = 1  # counted without the base model
     max_models: int | None = None  # == min_models: exactly that many
     uses_seed: bool = False  # receives seed= and key= (the tensor name) for reproducible randomness
