@@ -20,6 +20,7 @@ from mergelab.cocktail.blackbox import blackbox_weights
 from mergelab.cocktail.loss import LossOptions, check_examples
 from mergelab.cocktail.weights import fewshot_losses, pooled, softmax_weights
 from mergelab.errors import MergelabError
+from mergelab.evaluate.runner import check_run_settings
 from mergelab.loading import check_model_dir
 from mergelab.outdir import check_output_dir
 
@@ -90,7 +91,8 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
     """
     recipe, candidates, examples = check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples,
                                                   recipe=recipe, alpha=alpha, temperature=temperature,
-                                                  model_type=model_type, options=options, tokenizer=tokenizer)
+                                                  model_type=model_type, options=options, tokenizer=tokenizer,
+                                                  batch_size=batch_size, device=device)
     losses = None
     if out_dir is not None:  # before computing any loss
         check_output_dir(out_dir, force, inputs=[m for m in (finetuned, *candidates) if m is not None])
@@ -118,12 +120,14 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
 
 def check_cocktail(*, finetuned=None, base=None, peers: Sequence = (), examples=None, recipe: str = "auto",
                    alpha: float = 0.5, temperature: float = 5.0, model_type: str = "decoder",
-                   options: LossOptions = LossOptions(), tokenizer=None) -> tuple[str, list[str], list[dict] | None]:
+                   options: LossOptions = LossOptions(), tokenizer=None, batch_size: int = 8,
+                   device: str = "cpu") -> tuple[str, list[str], list[dict] | None]:
     """Every check ``cocktail`` makes before loading a model: (recipe, candidates, pooled examples).
 
     Callers that create files (the α sweep) run it first, so bad input leaves nothing behind.
     """
     recipe = choose_recipe(finetuned, examples, recipe)
+    check_run_settings(batch_size, device)
     if not 0.0 <= alpha <= 1.0:
         raise MergelabError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:

@@ -57,7 +57,8 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
             raise MergelabError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
     for alpha in alphas:
         check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples, recipe=recipe, alpha=alpha,
-                       temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer)
+                       temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer,
+                       batch_size=batch_size, device=device)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     check_output_dir(out_dir, force=True, inputs=[m for m in (finetuned, base, *peers) if m is not None])

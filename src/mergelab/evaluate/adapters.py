@@ -22,7 +22,8 @@ from typing import Sequence
 import yaml
 
 from mergelab.errors import MergelabError
-from mergelab.evaluate.runner import RESULT_FIELDS, check_results_path, evaluate_models, write_rows
+from mergelab.evaluate.runner import (RESULT_FIELDS, check_results_path, check_run_settings, evaluate_models,
+                                      write_rows)
 from mergelab.loading import check_model_dir, first_line
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
@@ -362,6 +363,7 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
     if tokenizer is not None and (backend != "mergelab" or lm_eval_tasks):
         raise MergelabError("--tokenizer applies to mergelab's own evaluators only, not to lm-eval or MTEB")
     tasks = load_tasks(tasks) if tasks is not None and not isinstance(tasks, (list, tuple)) else list(tasks or [])
+    check_run_settings(batch_size, device)
     for model_dir in model_dirs:  # fail before the first (slow) load
         check_model_dir(model_dir, tokenizer)
     if out is not None:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mergelab.devices import check_device
 from mergelab.errors import MergelabError
 from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 from mergelab.evaluate.encoder import rank_corpus
@@ -109,6 +110,7 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | st
     if not isinstance(tasks, (list, tuple)):
         tasks = load_tasks(tasks)
     model_kind(tasks)
+    check_run_settings(batch_size, device)
     if out is not None:
         check_results_path(out)
     for model_dir in model_dirs:  # fail before the first (slow) load
@@ -126,6 +128,13 @@ def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | st
     if out is not None:
         write_rows(rows, out)
     return rows
+
+
+def check_run_settings(batch_size: int, device) -> None:
+    """A batch size below 1 or a device this machine lacks is refused before any model loads."""
+    if int(batch_size) < 1:
+        raise MergelabError(f"batch size must be at least 1, got {batch_size}")
+    check_device(str(device))
 
 
 def check_results_path(out: str | Path) -> Path:
