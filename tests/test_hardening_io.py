@@ -46,7 +46,7 @@ def two_floats(first: list[int], second: list[int], data_len: int = 16, **extra)
 
 
 def linear_config(tmp_path: Path, *models, name: str = "merge.yml") -> Path:
-    config = {"merge_method": "linear", "models": [{"model": str(m)} for m in models]}
+    config = {"merge_method": "linear", "models": [{"model": str(m)} for m in models], "parameters": {"weight": 1.0}}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path

@@ -10,7 +10,8 @@ import mergelab
 
 def ties_config(world) -> dict:
     return {"merge_method": "ties", "base_model": world["base"],
-            "models": [{"model": world["a"]}, {"model": world["b"], "parameters": {"weight": 0.5}}],
+            "models": [{"model": world["a"], "parameters": {"weight": 1.0}},
+                       {"model": world["b"], "parameters": {"weight": 0.5}}],
             "parameters": {"density": 0.5}}
 
 
@@ -34,7 +35,8 @@ def test_no_model_card_option_and_an_inputs_own_readme_is_not_copied(tmp_path, w
 
     source = shutil.copytree(world["a"], tmp_path / "a-with-card")
     (source / "README.md").write_text("# the expert's own card\n")
-    config = {"merge_method": "linear", "models": [{"model": str(source)}, {"model": world["b"]}]}
+    config = {"merge_method": "linear", "models": [{"model": str(source)}, {"model": world["b"]}],
+              "parameters": {"weight": 1.0}}
     out = mergelab.merge(config, tmp_path / "out", quiet=True)
     assert "the expert's own card" not in (out / "README.md").read_text()
     bare = mergelab.merge(config, tmp_path / "bare", quiet=True, no_model_card=True)
