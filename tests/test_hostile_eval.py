@@ -62,6 +62,9 @@ def hostile(tiny_world, tmp_path_factory) -> dict[str, Path]:
         (root / name).write_text(text)
         paths[name] = root / name
     paths["a_file"] = root / "examples.jsonl"
+    paths["foreign_out"] = root / "foreign_out"  # an earlier output directory holding someone else's results.csv
+    paths["foreign_out"].mkdir()
+    (paths["foreign_out"] / "results.csv").write_text("name,value\nx,1\n")
     return paths
 
 
@@ -160,6 +163,8 @@ def grid_cases(p, tmp_path, out):
                           [f"cannot write {read_only}: /sys/kernel is not writable"]),
         "out inside an input model": (["grid", grid_spec(p, tmp_path), "--out", p["base"] / "grid"],
                                       [f"lies inside input model {p['base']}"]),
+        "foreign results.csv": (["grid", grid_spec(p, tmp_path), "--out", p["foreign_out"]],
+                                [f"{p['foreign_out'] / 'results.csv'} is not the results file of a grid"]),
         "expert without tokenizer": (["grid", grid_spec(p, tmp_path, base=str(p["no_tokenizer"])), "--out", out],
                                      [f"{p['no_tokenizer']} has no tokenizer"]),
         "tasks with bad data": (["grid", grid_spec(p, tmp_path, tasks=str(p["tasks_bad_data.yml"])), "--out", out],
@@ -175,7 +180,7 @@ CASES = {"eval": ["missing model", "no tokenizer", "pickled .bin", "no model", "
                       "sweep with bad examples",
                       "sweep with candidate lacking a tokenizer"],
          "grid": ["out is a file", "out under a file", "read-only out", "out inside an input model",
-                  "expert without tokenizer",
+                  "foreign results.csv", "expert without tokenizer",
                   "tasks with bad data"]}
 
 

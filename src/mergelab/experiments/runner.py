@@ -125,10 +125,19 @@ def add_normalized(rows: list[dict], tasks) -> None:
 
 
 def read_results(path: Path) -> list[dict]:
+    """The rows of an earlier run (to resume), or none; a file that is not a grid's results is refused."""
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error):
+        rows, reader = None, None
+    if reader is None or tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
+        raise MergelabError(f"{path} is not the results file of a grid (expected the columns "
+                            f"{','.join(RESULT_COLUMNS)}); remove it or choose another --out")
+    return rows
 
 
 def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executor: str = "local",
