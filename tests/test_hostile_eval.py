@@ -244,6 +244,16 @@ def test_api_cocktail_errors(hostile, tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_that_fails_midway_removes_the_directories_it_created(hostile, tmp_path):
+    def evaluate(model_dir):
+        raise MergelabError("scoring failed")
+
+    with pytest.raises(MergelabError, match="scoring failed"):
+        alpha_sweep(tmp_path / "new" / "sweep", finetuned=hostile["peer"], base=hostile["base"], evaluate=evaluate,
+                    target=["t"], alphas=[0.0])
+    assert not (tmp_path / "new").exists()
+
+
 def test_api_cocktail_checks_the_output_before_computing(hostile, tmp_path, monkeypatch):
     import mergelab.cocktail.recipes as recipes
 

@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 from mergelab.cocktail.loss import LossOptions
 from mergelab.cocktail.recipes import check_cocktail, cocktail
 from mergelab.errors import MergelabError
-from mergelab.outdir import check_output_dir
 from mergelab.evaluate import evaluate_models, load_tasks, write_rows
+from mergelab.outdir import check_output_dir
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -55,13 +55,13 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         missing = [t for t in target if t not in names]
         if missing:
             raise MergelabError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
-    for alpha in alphas:
-        check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples, recipe=recipe, alpha=alpha,
-                       temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer,
-                       batch_size=batch_size, device=device)
+    check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples, recipe=recipe, alpha=alphas[0],
+                   temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer,
+                   batch_size=batch_size, device=device)  # the other α differ only in a range already checked
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
     check_output_dir(out_dir, force=True, inputs=[m for m in (finetuned, base, *peers) if m is not None])
+    missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    created = missing[-1] if missing else None  # the topmost directory this sweep creates
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         models_dir = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix=".sweep-", dir=out_dir))
@@ -69,15 +69,13 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         raise MergelabError(f"cannot create the sweep output {out_dir}: {exc.strerror or exc}") from None
     settings = dict(recipe=recipe, temperature=temperature, model_type=model_type, options=options,
                     tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed)
-    rows = []
     try:
-        rows = _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas,
+        return _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas,
                       keep_models, quiet, settings)
     except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
-    return rows
 
 
 def _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas, keep_models,
