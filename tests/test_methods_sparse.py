@@ -302,3 +302,9 @@ def test_deliberate_differences_from_mergekit_warn_once_at_plan_time(world, tmp_
         mergelab.merge({**config, "parameters": {"weight": 1.0, "density": 0.5, "rescale_l1": True}},
                        tmp_path / "l1", quiet=True)
     assert not [r for r in caplog.records if "differs from mergekit" in r.getMessage()]
+
+
+def test_slerp_needs_t_as_in_mergekit(world, tmp_path):
+    config = {"merge_method": "slerp", "base_model": world["a"], "models": [{"model": world["b"]}]}
+    with pytest.raises(mergelab.MergelabError, match=r"slerp needs parameter 't' .*set it under the top-level"):
+        mergelab.merge(config, tmp_path / "out", quiet=True)

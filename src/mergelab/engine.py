@@ -392,6 +392,9 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
         else:
             setting = cfg.parameters.get(param.name)
             value = evaluate_setting(setting, name, position) if setting is not None else None
+            if value is None and param.required:
+                raise MergelabError(f"{method.name} needs parameter '{param.name}' (tensor '{name}'), as mergekit "
+                                    f"does; set it under the top-level parameters")
             params[param.name] = param.check(param.default if value is None else value, f"for tensor '{name}'")
     problem = method.check(params, f"for tensor '{name}'") if method.check else None
     if problem:

@@ -212,7 +212,8 @@ METHODS: dict[str, MergeMethod] = {
         summary="copy one model, optionally scaling tensors",
     ),
     "slerp": MergeMethod(
-        "slerp", slerp, (Param("t", 0.5, low=0.0, high=1.0, help="0 = base_model, 1 = the other model"),),
+        "slerp", slerp, (Param("t", None, low=0.0, high=1.0, required=True,
+                                   help="0 = base_model, 1 = the other model (required, as in mergekit)"),),
         "Shoemake 1985; as popularised by mergekit", uses_base=True, first_model_is_base=True,
         min_models=1, max_models=1,
         summary="spherical interpolation between two models",
