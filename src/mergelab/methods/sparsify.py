@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 
+import numpy as np
 import torch
 
 
@@ -138,12 +139,26 @@ def della_(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale
     block = max(1, ROW_BLOCK // max(n, 1))
     for start in range(0, rows.shape[0], block):
         part = rows[start:start + block]
-        order = torch.argsort(part.abs(), dim=1, stable=True)  # (block, n): rank -> position
+        order = _rank_order(part)  # (block, n): rank -> position
         keep_probability = torch.empty(part.shape, device=delta.device).scatter_(1, order, ramp.expand(part.shape))
         part.mul_(draws[start:start + block] < keep_probability)
         if rescale is Rescale.KEEP_PROBABILITY:
             part.div_(keep_probability)
     return delta
+
+
+def _rank_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions in increasing order of |value| (ties in storage order): a stable
+    argsort. On the CPU, numpy's vectorized sort of (float32 bits << 32 | column) keys is about
+    twice as fast as ``torch.argsort`` and gives the same order."""
+    if rows.device.type != "cpu":
+        return torch.argsort(rows.abs().float(), dim=1, stable=True)
+    keys = rows.abs().float().numpy().view(np.int32).astype(np.int64)  # non-negative floats order like their bits
+    keys <<= 32
+    keys |= np.arange(rows.shape[1], dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= 0xFFFFFFFF
+    return torch.from_numpy(keys)
 
 
 def dare_uniform(shape: torch.Size, seed: int, model_index: int, key: str) -> torch.Tensor:
