@@ -57,7 +57,11 @@ def hostile(tiny_world, tmp_path_factory) -> dict[str, Path]:
                  {"name": "other", "kind": "loss", "split": "held_out", "category": "d", "examples": FIVE}]}),
              "tasks_bad_data.yml": yaml.safe_dump({"tasks": [{"name": "copy", "kind": "loss",
                                                               "data": "task_data_bad.jsonl"}]}),
-             "tasks_empty.yml": ""}
+             "tasks_empty.yml": "",
+             "tasks_number_input.yml": yaml.safe_dump({"tasks": [{"name": "n", "kind": "loss",
+                                                                  "examples": [{"input": 5, "output": "1"}]}]}),
+             "tasks_option_typo.yml": yaml.safe_dump({"tasks": [{"name": "g", "kind": "generation", "examples": FIVE,
+                                                                 "options": {"max_new_token": 3}}]})}
     for name, text in files.items():
         (root / name).write_text(text)
         paths[name] = root / name
@@ -102,6 +106,10 @@ def eval_cases(p):
                              [f"tasks file {p['tasks_empty.yml']} is empty"]),
         "missing tokenizer option": (["eval", p["no_tokenizer"], *tasks, "--tokenizer", p["missing"]],
                                      [f"tokenizer directory {p['missing']} does not exist"]),
+        "number as text": (["eval", p["base"], "--tasks", p["tasks_number_input.yml"]],
+                           ["task 'n', example 0: 'input' must be a string"]),
+        "option typo": (["eval", p["base"], "--tasks", p["tasks_option_typo.yml"]],
+                        ["task 'g': unknown option 'max_new_token'"]),
         "batch size 0": (["eval", p["base"], *tasks, "--batch-size", "0"], ["batch size must be at least 1"]),
         "unknown device": (["eval", p["base"], *tasks, "--device", "gpu"], ["device 'gpu' is not a device"]),
         "out is a directory": (["eval", p["base"], *tasks, "--out", p["no_model"]],
@@ -173,15 +181,14 @@ def grid_cases(p, tmp_path, out):
 
 
 CASES = {"eval": ["missing model", "no tokenizer", "pickled .bin", "no model", "tasks data bad line 3",
-                  "empty tasks file", "missing tokenizer option", "batch size 0", "unknown device",
-                  "out is a directory", "read-only out"],
-         "cocktail": ["examples bad line 3", "empty examples", "example without output", "missing examples", "candidate without tokenizer",
-                      "pickled candidate", "missing candidate", "loss option out of range", "sweep on an unknown device",
-                      "sweep with bad examples",
+                  "empty tasks file", "missing tokenizer option", "number as text", "option typo", "batch size 0",
+                  "unknown device", "out is a directory", "read-only out"],
+         "cocktail": ["examples bad line 3", "empty examples", "example without output", "missing examples",
+                      "candidate without tokenizer", "pickled candidate", "missing candidate",
+                      "loss option out of range", "sweep on an unknown device", "sweep with bad examples",
                       "sweep with candidate lacking a tokenizer"],
          "grid": ["out is a file", "out under a file", "read-only out", "out inside an input model",
-                  "foreign results.csv", "expert without tokenizer",
-                  "tasks with bad data"]}
+                  "foreign results.csv", "expert without tokenizer", "tasks with bad data"]}
 
 
 def cases_for(family, p, tmp_path):

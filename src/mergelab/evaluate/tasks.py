@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -40,6 +40,22 @@ METRICS: dict[str, tuple[str, ...]] = {
     "retrieval": ("ndcg@k", "mrr@k", "recall@k"),
 }
 LOWER_IS_BETTER = {"loss", "perplexity"}
+# Task options -> the problem with a value, or None. max_length: rank_classification, loss and
+# retrieval; max_new_tokens and stop: generation; length_normalize and separator:
+# rank_classification; pooling: retrieval. A name not listed is a typo, refused.
+OPTIONS: dict[str, Callable[[Any], str | None]] = {
+    "max_length": lambda v: None if _is_int(v) and v >= 1 else "must be an integer >= 1",
+    "max_new_tokens": lambda v: None if _is_int(v) and v >= 1 else "must be an integer >= 1",
+    "stop": lambda v: (None if isinstance(v, list) and all(isinstance(s, str) for s in v)
+                       else "must be a list of strings"),
+    "length_normalize": lambda v: None if isinstance(v, bool) else "must be true or false",
+    "separator": lambda v: None if isinstance(v, str) else "must be a string",
+    "pooling": lambda v: None if v in ("cls", "mean") else "must be cls or mean",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 _AT_K = re.compile(r"^(ndcg|mrr|recall)@(\d+)$")
 
 
@@ -139,9 +155,20 @@ def make_task(raw: dict[str, Any], base_dir: Path | None = None, where: str = "t
         if f"{name}@k" not in allowed:
             raise MergelabError(f"{where}: unknown metric '{task.metric}'")
     elif task.metric not in allowed:
-        raise MergelabError(f"{where}: unknown metric '{task.metric}' for kind {task.kind}; use one of {', '.join(allowed)}")
+        raise MergelabError(f"{where}: unknown metric '{task.metric}' for kind {task.kind}; "
+                            f"use one of {', '.join(allowed)}")
+    _check_options(task, where)
     _check_examples(task, where)
     return task
+
+
+def _check_options(task: Task, where: str) -> None:
+    for name, value in task.options.items():
+        if name not in OPTIONS:
+            raise MergelabError(f"{where}: unknown option '{name}'; options are {', '.join(OPTIONS)}")
+        problem = OPTIONS[name](value)
+        if problem:
+            raise MergelabError(f"{where}: option {name} {problem}, got {value!r}")
 
 
 def _check_examples(task: Task, where: str) -> None:
@@ -169,6 +196,17 @@ def _check_examples(task: Task, where: str) -> None:
                 raise MergelabError(f"{at} needs 'input' and 'output' (or 'outputs')")
         elif "text" not in example and ("input" not in example or "output" not in example):
             raise MergelabError(f"{at} needs 'text', or 'input' and 'output'")
+        _check_texts(example, at)
+
+
+def _check_texts(example: dict, at: str) -> None:
+    """The texts a tokenizer will see must be strings (a number would fail deep inside it)."""
+    for key in ("input", "output", "text"):
+        if key in example and not isinstance(example[key], str):
+            raise MergelabError(f"{at}: '{key}' must be a string, got {example[key]!r}")
+    outputs = example.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
+        raise MergelabError(f"{at}: 'outputs' must be a non-empty list of strings")
 
 
 def _check_choice(example: dict, at: str) -> None:
