@@ -112,6 +112,8 @@ def test_blackbox_without_nevergrad_names_the_extra(world, monkeypatch):
 @pytest.mark.parametrize("kwargs,match", [
     ({"examples": []}, "empty"),
     ({"examples": [{"input": "copy 1 ="}]}, "missing 'output'"),
+    ({"examples": [{"input": "copy 1 =", "output": 1}]}, "'output' must be a string"),
+    ({"examples": [{"query": "q", "pos": "p", "neg": []}], "model_type": "encoder"}, "'pos' must be a list"),
     ({"examples": FIVE, "temperature": 0}, "temperature"),
     ({"examples": FIVE, "alpha": 1.5, "finetuned": "A"}, "alpha"),
     ({"examples": [{"query": "q", "pos": ["p"], "neg": ["n"]}], "model_type": "encoder"}, "negatives"),

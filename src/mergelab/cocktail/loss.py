@@ -61,28 +61,46 @@ class LossOptions:
 
 
 def check_examples(examples: Sequence[dict], model_type: str, neg_number: int = 7, where: str = "examples") -> None:
-    """Refuse empty lists, missing keys and too few negatives before any model is loaded."""
+    """Refuse empty lists, missing keys, non-text values and too few negatives before any model is loaded."""
     if model_type not in MODEL_TYPES:
         raise MergelabError(f"model_type '{model_type}' is not known; use 'decoder' or 'encoder'")
     if not examples:
-        raise MergelabError(f"{where}: the example list is empty; give at least one few-shot example (5 is the default)")
+        raise MergelabError(f"{where}: the example list is empty; give at least one few-shot example "
+                            f"(5 is the default)")
     for number, example in enumerate(examples):
+        at = f"{where}, example {number}"
         if not isinstance(example, dict):
-            raise MergelabError(f"{where}, example {number}: must be a mapping")
+            raise MergelabError(f"{at}: must be a mapping")
         if model_type == "decoder":
-            missing = [k for k in ("input", "output") if k not in example]
+            _check_decoder_example(example, at)
         else:
-            missing = [k for k in ("query", "pos", "neg") if k not in example]
-        if missing:
-            raise MergelabError(f"{where}, example {number} is missing {', '.join(map(repr, missing))} "
-                             f"({model_type} examples need "
-                             f"{'input and output' if model_type == 'decoder' else 'query, pos and neg'})")
-        if model_type == "encoder":
-            if not example["pos"]:
-                raise MergelabError(f"{where}, example {number} has no positive passage")
-            if len(example["neg"]) < neg_number:
-                raise MergelabError(f"{where}, example {number} has {len(example['neg'])} negatives but neg_number is "
-                                 f"{neg_number}; add negatives or lower neg_number")
+            _check_encoder_example(example, at, neg_number)
+
+
+def _check_decoder_example(example: dict, at: str) -> None:
+    missing = [k for k in ("input", "output") if k not in example]
+    if missing:
+        raise MergelabError(f"{at} is missing {', '.join(map(repr, missing))} (decoder examples need input and output)")
+    for key in ("input", "output"):
+        if not isinstance(example[key], str):
+            raise MergelabError(f"{at}: '{key}' must be a string, got {example[key]!r}")
+
+
+def _check_encoder_example(example: dict, at: str, neg_number: int) -> None:
+    missing = [k for k in ("query", "pos", "neg") if k not in example]
+    if missing:
+        raise MergelabError(f"{at} is missing {', '.join(map(repr, missing))} (encoder examples need query, pos "
+                            f"and neg)")
+    if not isinstance(example["query"], str):
+        raise MergelabError(f"{at}: 'query' must be a string, got {example['query']!r}")
+    for key in ("pos", "neg"):
+        if not isinstance(example[key], list) or not all(isinstance(p, str) for p in example[key]):
+            raise MergelabError(f"{at}: '{key}' must be a list of passages (strings)")
+    if not example["pos"]:
+        raise MergelabError(f"{at} has no positive passage")
+    if len(example["neg"]) < neg_number:
+        raise MergelabError(f"{at} has {len(example['neg'])} negatives but neg_number is {neg_number}; add negatives "
+                            f"or lower neg_number")
 
 
 def load_candidate(path: str | Path, model_type: str, device: str = "cpu", tokenizer: str | Path | None = None):
