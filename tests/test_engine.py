@@ -46,7 +46,8 @@ def expected_merge(method, world, experts, base, **params):
 
 
 CASES = {
-    "linear": ({"merge_method": "linear", "models": ["a", "b", "c"], "parameters": {"weight": 1}}, ["a", "b", "c"], None,
+    "linear": ({"merge_method": "linear", "models": ["a", "b", "c"], "parameters": {"weight": 1}},
+               ["a", "b", "c"], None,
                {"weight": [1, 1, 1], "normalize": True}),
     "task_arithmetic": ({"merge_method": "task_arithmetic", "base_model": "base", "models": ["a", "b"],
                          "parameters": {"weight": 1, "lambda": 0.5}}, ["a", "b"], "base",
@@ -90,7 +91,8 @@ def test_merge_matches_the_method_applied_to_whole_state_dicts(method, world, tm
 
 
 def test_tied_embeddings_round_trip(world, tmp_path):
-    out = mergelab.merge({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["b"]}]},
+    out = mergelab.merge({"merge_method": "linear",
+                          "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["b"]}]},
                          tmp_path / "out", quiet=True)
     assert "lm_head.weight" not in CheckpointReader(out).tensors
     model = load(out)
@@ -101,7 +103,8 @@ def test_tied_embeddings_round_trip(world, tmp_path):
 
 def test_untied_lm_head_is_merged_on_its_own(tmp_path):
     paths = [save_model(tiny_llama(seed=s, tie=False), tmp_path / f"m{s}") for s in (1, 2)]
-    out = mergelab.merge({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(p)} for p in paths]},
+    out = mergelab.merge({"merge_method": "linear",
+                          "parameters": {"weight": 1.0}, "models": [{"model": str(p)} for p in paths]},
                          tmp_path / "out", quiet=True)
     merged, first, second = state(out), state(paths[0]), state(paths[1])
     assert torch.allclose(merged["lm_head.weight"], (first["lm_head.weight"] + second["lm_head.weight"]) / 2)
@@ -109,7 +112,8 @@ def test_untied_lm_head_is_merged_on_its_own(tmp_path):
 
 
 def test_output_dtype_shards_tokenizer_and_config(world, tmp_path):
-    config = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["c"]}],
+    config = {"merge_method": "linear",
+              "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["c"]}],
               "out_dtype": "bfloat16"}
     out = mergelab.merge(config, tmp_path / "out", quiet=True, shard_size="30KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -135,7 +139,8 @@ def test_threads_and_order_do_not_change_a_dare_merge(world, tmp_path):
 def test_bin_checkpoints_merge_like_safetensors(world, tmp_path):
     model = load(world["a"])
     save_model(model, tmp_path / "a_bin", safe=False)
-    config = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(tmp_path / "a_bin")}, {"model": world["b"]}]}
+    config = {"merge_method": "linear",
+              "parameters": {"weight": 1.0}, "models": [{"model": str(tmp_path / "a_bin")}, {"model": world["b"]}]}
     from_bin = state(mergelab.merge(config, tmp_path / "x", quiet=True))
     config["models"][0]["model"] = world["a"]
     from_safe = state(mergelab.merge(config, tmp_path / "y", quiet=True))
@@ -182,7 +187,8 @@ def test_base_model_listed_among_models_is_not_its_own_expert(world, tmp_path):
 
 
 def test_tokenizer_source_is_copied(world, tiny_world, tmp_path):
-    config = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["b"]}],
+    config = {"merge_method": "linear",
+              "parameters": {"weight": 1.0}, "models": [{"model": world["a"]}, {"model": world["b"]}],
               "tokenizer_source": world["b"]}
     out = mergelab.merge(config, tmp_path / "out", quiet=True)
     assert (out / "tokenizer.json").read_text() == (tiny_world["b"] / "tokenizer.json").read_text()
@@ -194,7 +200,8 @@ def test_integer_buffers_are_copied(tmp_path, world):
         directory.mkdir()
         save_file({"w": state(world[name])["model.norm.weight"], "steps": torch.tensor([3, 4])},
                   directory / "model.safetensors")
-    config = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}]}
+    config = {"merge_method": "linear",
+              "parameters": {"weight": 1.0}, "models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}]}
     merged = load_file(mergelab.merge(config, tmp_path / "out", quiet=True) / "model.safetensors")
     assert torch.equal(merged["steps"], torch.tensor([3, 4]))
 
@@ -222,7 +229,9 @@ def test_legacy_position_ids_buffers_do_not_block_a_merge(tmp_path, world):
     save_file({**a, "model.position_ids": torch.arange(8)[None]}, tmp_path / "old" / "model.safetensors")
     (tmp_path / "new").mkdir()
     save_file(b, tmp_path / "new" / "model.safetensors")
-    config = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(tmp_path / "old")}, {"model": str(tmp_path / "new")}]}
+    config = {"merge_method": "linear",
+              "parameters": {"weight": 1.0},
+              "models": [{"model": str(tmp_path / "old")}, {"model": str(tmp_path / "new")}]}
     merged = load_file(mergelab.merge(config, tmp_path / "out", quiet=True) / "model.safetensors")
     assert "model.position_ids" not in merged
     assert torch.allclose(merged["model.norm.weight"], (a["model.norm.weight"] + b["model.norm.weight"]) / 2)

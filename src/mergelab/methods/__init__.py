@@ -73,9 +73,9 @@ def _task_notes(sparsify: Sparsify | None):
                          "vector; raise gamma to drop outliers in small tensors")
         if thinned and sparsify in RANDOM_SPARSIFY and params["rescale"] and not params["rescale_l1"]:
             what = "1/density" if sparsify is Sparsify.RANDOM else "1/its keep probability"
-            found.append(f"survivors are rescaled by {what} as the paper does, where mergekit scales each thinned "
-                         f"task vector back to its L1 norm before thinning; set rescale_l1: true for mergekit's rescale "
-                         f"(the random masks differ from mergekit's in any case)")
+            found.append(f"survivors are rescaled by {what} as the paper does, where mergekit scales each "
+                         f"thinned task vector back to its L1 norm before thinning; set rescale_l1: true for "
+                         f"mergekit's rescale (the random masks differ from mergekit's in any case)")
         return found
 
     return notes
