@@ -236,6 +236,13 @@ def test_api_eval_errors(hostile, tmp_path):
                     for row in evaluate_models([hostile["base"]], hostile["tasks.yml"], progress=False)]
 
 
+def test_tokenizer_option_is_refused_where_it_cannot_apply(hostile):
+    from mergelab.evaluate.adapters import evaluate_with_backend
+
+    with pytest.raises(MergelabError, match="--tokenizer applies to mergelab's own evaluators only"):
+        evaluate_with_backend([hostile["base"]], hostile["tasks.yml"], backend="lm-eval", tokenizer=hostile["base"])
+
+
 def test_api_cocktail_errors(hostile, tmp_path):
     with pytest.raises(MergelabError, match=r"line 3 column \d+: not valid JSON"):
         load_examples(hostile["bad_line3.jsonl"])
