@@ -206,6 +206,21 @@ def test_model_stock_of_opposed_experts_is_the_base():
     assert torch.allclose(call("model_stock", [base + delta, base - delta], base), base, atol=1e-6)
 
 
+def test_model_stock_without_a_cosine_floor_follows_negative_cosines_as_mergekit():
+    base = tv(0, 0)
+    experts = [tv(1, 0), tv(-1, 1)]  # cos = −1/√2
+    cos = -1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)  # about −4.83: mergekit's t, unfloored
+    assert torch.allclose(call("model_stock", experts, base, cosine_floor=-1.0), t * tv(0, 0.5), atol=1e-5)
+    assert torch.allclose(call("model_stock", experts, base), base)  # the default floor 0 gives t = 0
+
+
+def test_model_stock_counts_a_zero_task_vector_as_orthogonal():
+    base = torch.randn(6)
+    out = call("model_stock", [base.clone(), base + torch.randn(6)], base)  # ‖τ_1‖·‖τ_2‖ = 0: cos 0, t 0
+    assert torch.allclose(out, base)
+
+
 def test_model_stock_filter_wise_uses_one_ratio_per_row():
     base = torch.zeros(2, 2)
     experts = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]])]

@@ -20,7 +20,7 @@ from mergelab.methods.base import MergeMethod, Param
 from mergelab.methods.arcee_fusion import arcee_fusion, arcee_fusion_notes
 from mergelab.methods.karcher import check_karcher, karcher
 from mergelab.methods.linear import check_fisher, check_lm_cocktail, fisher, linear, lm_cocktail, normalize_check
-from mergelab.methods.model_stock import model_stock
+from mergelab.methods.model_stock import model_stock, model_stock_notes
 from mergelab.methods.multislerp import check_multislerp, multislerp
 from mergelab.methods.nearswap import nearswap
 from mergelab.methods.nuslerp import nuslerp
@@ -258,9 +258,11 @@ METHODS: dict[str, MergeMethod] = {
     ),
     "model_stock": MergeMethod(
         "model_stock", model_stock,
-        (Param("filter_wise", False, kind=bool, help="one ratio per output row instead of per tensor"),),
+        (Param("filter_wise", False, kind=bool, help="one ratio per output row instead of per tensor"),
+         Param("cosine_floor", 0.0, low=-1.0, high=1.0,
+               help="lower bound of the mean cosine (0 keeps t in [0, 1]; -1: none, as mergekit)")),
         "Jang et al. 2024, Model Stock (arXiv:2403.19522)", uses_base=True, min_models=2,
-        summary="t·avg(θ_i) + (1−t)·θ_b, t from task-vector cosines",
+        summary="t·avg(θ_i) + (1−t)·θ_b, t from task-vector cosines", notes=model_stock_notes,
     ),
     "fisher": MergeMethod(
         "fisher", fisher,

@@ -8,12 +8,18 @@ import itertools
 import torch
 
 
-def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
+NORM_FLOOR = 1e-6  # mergekit divides by max(‖τ_i‖·‖τ_j‖, 1e-6): (near-)zero task vectors count as orthogonal
+
+
+def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool,
+                cosine_floor: float) -> torch.Tensor:
     """θ = t·avg(θ_i) + (1−t)·θ_b  =  θ_b + t·avg(τ_i),  t = N·cos / (1 + (N−1)·cos).
 
     cos is the mean pairwise cosine between task vectors τ_i = θ_i − θ_b over the whole
-    tensor, or per output row with ``filter_wise``. cos is clamped to [0, 1], so t stays in
-    [0, 1]: experts that disagree completely give back the base.
+    tensor, or per output row with ``filter_wise``; each pair's cosine divides by
+    max(‖τ_i‖·‖τ_j‖, 1e-6), as mergekit does. The mean is floored at ``cosine_floor``:
+    at 0 (the default) t stays in [0, 1] and experts that disagree completely give back the
+    base; at −1 nothing is floored, as in mergekit.
     """
     n = len(tensors)
     rows = base.shape[0] if filter_wise and base.dim() > 1 else 1
@@ -22,9 +28,8 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise:
     cosines = []
     for i, j in itertools.combinations(range(n), 2):
         dot = (task_vectors[i] * task_vectors[j]).sum(dim=1)
-        denom = norms[i] * norms[j]
-        cosines.append(torch.where(denom > 0, dot / denom.clamp_min(1e-30), torch.ones_like(dot)))
-    cosine = torch.stack(cosines).mean(dim=0).clamp(0.0, 1.0)  # (rows,)
+        cosines.append((dot / (norms[i] * norms[j]).clamp_min(NORM_FLOOR)).clamp(-1.0, 1.0))
+    cosine = torch.stack(cosines).mean(dim=0).clamp(min=cosine_floor)  # (rows,)
     ratio = n * cosine / (1.0 + (n - 1) * cosine)  # t, (rows,)
     mean_delta = tensors[0]
     for tensor in tensors[1:]:
@@ -35,3 +40,12 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise:
     else:
         mean_delta.mul_(float(ratio.item()))
     return mean_delta.add_(base)
+
+
+def model_stock_notes(params: dict, numel: int) -> list[str]:
+    """The plan-time note when the cosine floor differs from mergekit's (none)."""
+    if params["cosine_floor"] > -1.0:
+        return [f"the mean task-vector cosine is floored at {params['cosine_floor']:g}, so experts that disagree "
+                f"give back the base, where mergekit does not floor it (t < 0 for negative cosines); set "
+                f"cosine_floor: -1 for mergekit's"]
+    return []
