@@ -181,6 +181,12 @@ def test_slerp_keeps_the_norm_between_equal_norm_vectors():
         assert float(call("slerp", [b], a, t=t).norm()) == pytest.approx(float(a.norm()), rel=1e-5)
 
 
+def test_slerp_from_a_zero_tensor_follows_the_quarter_circle_as_mergekit():
+    # a zero tensor is not normalized, so its cosine with anything is 0: the angle is π/2
+    b = tv(3, 4)
+    assert torch.allclose(call("slerp", [b], torch.zeros(2), t=0.5), math.sin(math.pi / 4) * b)
+
+
 def test_slerp_falls_back_to_linear_for_parallel_tensors():
     a = tv(1, 2, 3)
     assert torch.allclose(call("slerp", [2 * a], a, t=0.25), 1.25 * a)
