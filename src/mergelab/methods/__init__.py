@@ -70,7 +70,7 @@ def _task_notes(sparsify: Sparsify | None):
         if thinned and sparsify is Sparsify.OUTLIERS and any(int(g * numel) == 0 for g in params["gamma"]):
             found.append("where int(gamma·numel) is 0 (gamma 0, or a tensor of under 1/gamma entries) mergelab "
                          "keeps the density fraction as the paper does, where mergekit 0.1.x drops the whole task "
-                         "vector; raise gamma to drop outliers in small tensors")
+                         "vector (an empty slice) and returns the base tensor; no key reproduces that")
         if thinned and sparsify in RANDOM_SPARSIFY and params["rescale"] and not params["rescale_l1"]:
             what = "1/density" if sparsify is Sparsify.RANDOM else "1/its keep probability"
             found.append(f"survivors are rescaled by {what} as the paper does, where mergekit scales each "

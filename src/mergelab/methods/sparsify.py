@@ -93,7 +93,8 @@ def magnitude_mask(delta: torch.Tensor, density: float, keep_ties: bool = True) 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float, keep_ties: bool = True) -> torch.Tensor:
     """Model Breadcrumbs: drop the top int(gamma·numel) entries by |τ| and as many of the
     smallest as it takes to keep int(density·numel); when gamma + density > 1, fewer of the
-    largest are dropped so that density is still met."""
+    largest are dropped so that density is still met. With ``keep_ties``, entries tied at the
+    upper boundary are all dropped and those tied at the lower one all kept."""
     if density >= 1.0:
         return torch.ones_like(delta, dtype=torch.bool)
     magnitudes = delta.reshape(-1).abs().float()  # (numel,)
