@@ -57,9 +57,6 @@ def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, device=
     return sum(values) / len(values)
 
 
-check_tokenizer = check_vocab  # the name this check had before mergelab.loading
-
-
 def evaluate_model(model, tokenizer, tasks: Sequence[Task], *, batch_size: int = 16, device=None,
                    progress: bool = False, pooling: str = "cls") -> dict[str, float]:
     """``{task name: score}`` for a loaded transformers model.
@@ -67,7 +64,7 @@ def evaluate_model(model, tokenizer, tasks: Sequence[Task], *, batch_size: int =
     Example:
         >>> scores = evaluate_model(model, tokenizer, load_tasks("tasks.yml"))  # doctest: +SKIP
     """
-    check_tokenizer(model, tokenizer, "model")
+    check_vocab(model, tokenizer, "model")
     model.eval()
     return {task.name: evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device, pooling=pooling)
             for task in tqdm(tasks, desc="tasks", disable=not progress)}
