@@ -93,9 +93,9 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
                                                   recipe=recipe, alpha=alpha, temperature=temperature,
                                                   model_type=model_type, options=options, tokenizer=tokenizer,
                                                   batch_size=batch_size, device=device)
-    losses = None
     if out_dir is not None:  # before computing any loss
         check_output_dir(out_dir, force, inputs=[m for m in (finetuned, *candidates) if m is not None])
+    losses = None
     if recipe == "mono":
         weights = [1.0]
     elif recipe == "blackbox":
@@ -157,7 +157,8 @@ def cocktail_config(result: CocktailResult) -> dict:
     """The engine config that realizes a recipe's decision."""
     if result.finetuned is None:
         return {"merge_method": "linear",
-                "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(result.candidates, result.weights)]}
+                "models": [{"model": m, "parameters": {"weight": w}}
+                           for m, w in zip(result.candidates, result.weights)]}
     return {"merge_method": "lm_cocktail", "parameters": {"alpha": result.alpha},
             "models": [{"model": result.finetuned}]
             + [{"model": m, "parameters": {"weight": w}} for m, w in zip(result.candidates, result.weights)]}
@@ -175,4 +176,5 @@ def _check_same_architecture(models: Sequence) -> None:
             seen.setdefault(kind, str(model))
     if len(seen) > 1:
         described = ", ".join(f"{m} is {k}" for k, m in seen.items())
-        raise MergelabError(f"the models have different architectures ({described}); LM-Cocktail merges one architecture")
+        raise MergelabError(f"the models have different architectures ({described}); LM-Cocktail merges one "
+                            f"architecture")
