@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mergelab import MergelabError
 from mergelab.cli import main
@@ -310,3 +312,16 @@ def test_console_script(hostile, tmp_path, family, case):
     assert proc.returncode == 2, proc.stderr
     assert_one_error_line(proc.stderr, *fragments)
     assert not out.exists()
+
+
+# -- the reader's line numbers, as a property ----------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from(["record", "blank"]), min_size=1, max_size=12), data=st.data())
+def test_a_bad_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path, lines, data):
+    bad = data.draw(st.integers(0, len(lines) - 1))
+    text = [GOOD_LINE if kind == "record" else "" for kind in lines]
+    text[bad] = '{"input": "copy 1 =", "output": '  # cut short
+    path = tmp_path / "examples.jsonl"
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(MergelabError, match=rf"examples file {path}, line {bad + 1} column \d+: not valid JSON"):
+        load_examples(path)
