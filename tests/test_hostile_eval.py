@@ -315,13 +315,16 @@ def test_console_script(hostile, tmp_path, family, case):
 
 
 # -- the reader's line numbers, as a property ----------------------------------------------------
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(st.sampled_from(["record", "blank"]), min_size=1, max_size=12), data=st.data())
-def test_a_bad_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path, lines, data):
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from(["record", "blank"]), min_size=2, max_size=12), suffix=st.sampled_from(
+    [".jsonl", ".json"]), data=st.data())
+def test_a_bad_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path, lines, suffix, data):
+    lines[0] = "record"  # a JSONL file named .json is known as JSONL by having two or more lines
+    lines.append("record")
     bad = data.draw(st.integers(0, len(lines) - 1))
     text = [GOOD_LINE if kind == "record" else "" for kind in lines]
     text[bad] = '{"input": "copy 1 =", "output": '  # cut short
-    path = tmp_path / "examples.jsonl"
+    path = tmp_path / f"examples{suffix}"
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(MergelabError, match=rf"examples file {path}, line {bad + 1} column \d+: not valid JSON"):
         load_examples(path)

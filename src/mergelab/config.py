@@ -290,15 +290,11 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def _looks_like_jsonl(text: str) -> bool:
-    """A .json file whose first line is a complete JSON object, followed by more lines: JSONL."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
-        return False
-    try:
-        json.loads(lines[0])
-    except json.JSONDecodeError:
-        return False
-    return True
+    """A .json file of two or more lines that each open an object is JSONL (pretty-printed JSON
+    has lines that start otherwise), so a bad line is reported as that line, not where a JSON
+    parse of the whole text happens to stop."""
+    lines = [line.lstrip() for line in text.splitlines() if line.strip()]
+    return len(lines) >= 2 and all(line.startswith("{") for line in lines)
 
 
 def read_yaml_mapping(source: str | Path | dict, what: str, keys_hint: str) -> tuple[dict, str, Path | None]:
