@@ -63,18 +63,21 @@ def world(tiny_world) -> dict[str, str]:
 def copy_model(tmp_path_factory):
     """A tiny Llama that has learned to copy digit lists (the answer is known): (model, tokenizer, dir).
 
-    Trained to a criterion, not a budget: until every one of 100 held-out lists is copied
-    exactly (teacher-forced, which is what greedy decoding then reproduces), so the skill does
-    not depend on how fast this machine's floating point gets there."""
+    Trained to a criterion, not a budget: until 98 of 100 held-out lists are copied exactly
+    (teacher-forced, which is what greedy decoding then reproduces), so the skill does not
+    depend on how fast one machine's floating point gets there. Four thousand examples rather
+    than a few hundred, and a moderate learning rate: on 400 examples some initialisations
+    memorise and stall near 80% on new lists (the failure the budget-trained fixture had on
+    another CPU); with these settings seeds 0-5 all pass within 150-550 steps."""
     from mergelab.lm import learned, make_examples, train
 
     tokenizer = build_tokenizer()
     model = tiny_llama(seed=0)
-    held = make_examples("copy", 100, seed=1000, length=(2, 4))
+    criterion = learned(tokenizer, make_examples("copy", 100, seed=1000, length=(2, 4)), share=0.98)
     with torch_threads(1):
-        train(model, tokenizer, make_examples("copy", 400, seed=0, length=(2, 4)), steps=3000, seed=0,
-              until=learned(tokenizer, held))
-    if not learned(tokenizer, held)(model, 0):
+        train(model, tokenizer, make_examples("copy", 4000, seed=0, length=(2, 4)), steps=3000, lr=1e-3,
+              batch_size=64, seed=0, until=criterion, check_every=50)
+    if not criterion(model, 0):
         pytest.fail("the copy model did not learn to copy within 3000 steps")
     directory = save_model(model, tmp_path_factory.mktemp("copy_model") / "copy")
     return model, tokenizer, directory

@@ -48,9 +48,11 @@ def test_every_method_starts_from_the_same_first_stage_and_reports_the_summary(d
         assert run["bwt"] == backward_transfer(matrix)
         assert len(run["l2_distance"]) == 2 and run["l2_distance"][0] == [] and run["l2_distance"][1][0] > 0
         assert run["diverged"] is None
-    assert first_row[0] > 0.8  # task A was learned
+    # Quality checks with wide margins (over six initialisations and two batch seeds: task A
+    # 0.85-0.97, then B 0.80-0.93 while A drops by 0.55-0.75), so another CPU's rounding cannot flip them.
+    assert first_row[0] > 0.6  # task A was learned (chance: 0.2)
     sequential = result["runs"][0]
-    assert sequential["accuracy_matrix"][1][1] > 0.7 and sequential["forgetting"][0] > 0.2  # ... and forgotten
+    assert sequential["accuracy_matrix"][1][1] > 0.6 and sequential["forgetting"][0] > 0.3  # ... B, and A forgotten
 
 
 def test_sfa_in_the_runner_is_the_plain_api_on_the_same_batches(digits):
@@ -114,7 +116,10 @@ def test_the_multitask_baseline_retrains_from_the_initial_model_on_the_union(dig
     draw = batch_drawer(union(t.train for t in runner.tasks), SETTINGS, runner.harness.collate, "multitask1")
     fit(model, draw, 2 * SETTINGS.steps, runner.harness.loss, make_optimizer(model, SETTINGS))
     assert all(torch.equal(value, snapshot(runner.model)[name]) for name, value in model.state_dict().items())
-    assert run["accuracy_matrix"][1][0] > 0.8 and run["accuracy_matrix"][1][1] > 0.8
+    # it keeps task A where sequential fine-tuning forgets it (0.84-0.91 against 0.18-0.34 over
+    # initialisations and batch seeds), and learns B as well as sequential does, give or take
+    sequential = runner.run(Method("sequential"))["accuracy_matrix"][1]
+    assert run["accuracy_matrix"][1][0] > sequential[0] + 0.3 and run["accuracy_matrix"][1][1] > 0.6
 
 
 def test_divergence_is_flagged_not_hidden(digits):

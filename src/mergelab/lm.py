@@ -16,8 +16,8 @@ and examples.
 
 Example:
     >>> model, tokenizer = tiny_llama(), build_tokenizer()  # doctest: +SKIP
-    >>> train(model, tokenizer, make_examples("copy", 400, seed=0), steps=2000,
-    ...       until=learned(tokenizer, make_examples("copy", 100, seed=1)))  # doctest: +SKIP
+    >>> train(model, tokenizer, make_examples("copy", 4000, seed=0), steps=3000, lr=1e-3, batch_size=64,
+    ...       until=learned(tokenizer, make_examples("copy", 100, seed=1), share=0.98))  # doctest: +SKIP
 """
 
 from __future__ import annotations
