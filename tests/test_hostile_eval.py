@@ -117,7 +117,7 @@ def eval_cases(p):
         "out is a directory": (["eval", p["base"], *tasks, "--out", p["no_model"]],
                                [f"results path {p['no_model']} is a directory"]),
         "read-only out": (["eval", p["base"], *tasks, "--out", "/sys/kernel/results.csv"],
-                          ["cannot write results to /sys/kernel/results.csv"]),
+                          ["cannot write results path /sys/kernel/results.csv"]),
     }
 
 

@@ -61,7 +61,7 @@ def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Pa
         raise MergelabError(f"output path {out} exists and is not a directory; remove it or choose another path")
     if out.exists() and not force:
         raise MergelabError(f"output directory {out} already exists; remove it, choose another, or pass --force")
-    _check_writable(out)
+    check_writable(out)
     return out
 
 
@@ -72,19 +72,36 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
-def _check_writable(out: Path) -> None:
-    """Try to create a file where the output will go (root ignores permission bits, so only a
-    real attempt tells; a read-only file system refuses even root)."""
+def check_writable(out: str | Path, what: str = "") -> Path:
+    """Check that ``out`` (a file or directory to be created) can be written: its nearest
+    existing ancestor is a directory in which a file can really be created. Root ignores
+    permission bits, so only a real attempt tells (a read-only file system refuses even root).
+    Returns ``out`` as a Path."""
+    out = Path(out)
+    what = f"{what} " if what else ""
     anchor = _nearest_existing(out.parent)
     if not anchor.is_dir():
-        raise MergelabError(f"cannot create {out}: {anchor} is a file, not a directory; choose another output path")
+        raise MergelabError(f"cannot create {what}{out}: {anchor} is a file, not a directory; "
+                            f"choose another path")
     try:
         handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=anchor)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise MergelabError(f"cannot write {out}: {anchor} is not writable ({exc.strerror}); "
-                            f"choose another output location") from None
+        raise MergelabError(f"cannot write {what}{out}: {anchor} is not writable ({exc.strerror}); "
+                            f"choose another location") from None
+    return out
+
+
+def check_output_file(out: str | Path, force: bool = True, what: str = "output file") -> Path:
+    """Check a single output file before any work: not a directory, not an existing file unless
+    ``force``, and in a writable place."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise MergelabError(f"{what} {out} is a directory; give a file name")
+    if out.exists() and not force:
+        raise MergelabError(f"{what} {out} already exists; remove it, choose another, or pass --force")
+    return check_writable(out, what)
 
 
 def check_free_space(out: Path, needed: int) -> None:

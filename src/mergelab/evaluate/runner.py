@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from mergelab.devices import check_device
 from mergelab.errors import MergelabError
+from mergelab.outdir import check_output_file
 from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 from mergelab.evaluate.encoder import rank_corpus
 from mergelab.evaluate.metrics import RANKING_METRICS, best_over_references
@@ -136,20 +136,8 @@ def check_run_settings(batch_size: int, device) -> None:
 
 def check_results_path(out: str | Path) -> Path:
     """Refuse, before any model is scored, a results path that cannot be written: a directory,
-    or a location where no file can be created (a real write is tried: root ignores permission bits)."""
-    out = Path(out)
-    if out.is_dir():
-        raise MergelabError(f"results path {out} is a directory; give a file name ending in .json or .csv")
-    anchor = next((p for p in out.parents if p.exists()), Path("."))
-    if not anchor.is_dir():
-        raise MergelabError(f"cannot write results to {out}: {anchor} is a file, not a directory")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=anchor)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise MergelabError(f"cannot write results to {out}: {anchor} is not writable ({exc.strerror})") from None
-    return out
+    or a location where no file can be created."""
+    return check_output_file(out, what="results path")
 
 
 def write_rows(rows: list[dict], out: str | Path, fields: Sequence[str] | None = None) -> Path:
