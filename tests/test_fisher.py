@@ -96,7 +96,7 @@ ERRORS = {
     "no tokenizer": ("no_tokenizer", "f.safetensors", [], r"bare has no tokenizer \(none of tokenizer.json.*\n  hint: pass "
                                                           r"--tokenizer PATH"),
     "existing out": ("model", "taken.safetensors", [], r"taken.safetensors already exists; .*--force"),
-    "out is a directory": ("model", "bare", [], r"--out .*bare is a directory; give a file path"),
+    "out is a directory": ("model", "bare", [], r"Fisher file .*bare is a directory; give a file name"),
     "read-only out": ("model", READ_ONLY, [], r"cannot write .*mergelab.fisher.safetensors: /sys/kernel is not writable"),
     "pickled .bin": ("pickled", "f.safetensors", [], r"pytorch_model.bin is not a plain tensor checkpoint .*convert it "
                                                      r"to safetensors"),

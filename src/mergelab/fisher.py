@@ -4,7 +4,6 @@ with the checkpoint's tensor names, for ``merge_method: fisher``."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -90,28 +89,6 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
     return {name: fisher[name] for name in order if name in fisher}
 
 
-def check_output_file(out_path: str | Path, force: bool) -> Path:
-    """Refuse, before any work, an output file that exists (unless ``force``), is a directory,
-    or cannot be created (tried for real: root ignores permission bits, a read-only file
-    system does not)."""
-    out = Path(out_path).expanduser()
-    if out.is_dir():
-        raise MergelabError(f"--out {out} is a directory; give a file path such as {out / 'fisher.safetensors'}")
-    if out.exists() and not force:
-        raise MergelabError(f"{out} already exists; remove it, choose another path, or pass --force")
-    anchor = next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not anchor.is_dir():
-        raise MergelabError(f"cannot create {out}: {anchor} is a file, not a directory; choose another path")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".mergelab-probe-", dir=anchor)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise MergelabError(f"cannot write {out}: {anchor} is not writable ({exc.strerror}); choose another "
-                            f"location") from None
-    return out
-
-
 def _publish(tensors: dict[str, torch.Tensor], out: Path, force: bool) -> None:
     """Write a hidden sibling, then move it into place: replacing ``out`` only with ``force``
     (a hard link refuses an existing target, so of two runs exactly one wins)."""
@@ -161,8 +138,9 @@ def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Pat
     """
     from mergelab.devices import check_device
     from mergelab.loading import load_model
+    from mergelab.outdir import check_output_file
 
-    out_path = check_output_file(out_path, force)
+    out_path = check_output_file(out_path, force, what="Fisher file")
     device = check_device(device, "--device")
     for value, name, low in ((max_samples, "--samples", 1), (max_length, "--max-length", 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
