@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ def perturbed(model, seed: int, scale: float = 0.02):
         for param in other.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * scale)
     return other
+
+
+def read_only_dir() -> Path | None:
+    """A directory nobody can create files in, not even root (``/sys`` is a read-only file
+    system), or None where this machine has none; tests of unwritable outputs skip then."""
+    place = Path("/sys/kernel")
+    try:
+        os.close(tempfile.mkstemp(dir=place)[0])
+    except OSError:
+        return place
+    return None
 
 
 def save_model(model, directory: Path, max_shard_size: str | None = None, safe: bool = True) -> Path:

@@ -4,16 +4,15 @@ split-digits experiment through the CLI, and all-or-nothing result directories."
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import read_only_dir
 
 from mergelab import MergelabError
 from mergelab.cli import main
@@ -156,17 +155,13 @@ def test_cli_errors_exit_2_without_a_traceback(tmp_path):
     assert taken.exit_code == 2 and "already exists" in taken.output and "Traceback" not in taken.output
 
 
-READ_ONLY = Path("/sys/kernel/mergelab-sfa")  # /sys is read-only, even for root
-
-
 def bad_outs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     existing_file = tmp_path / "results.txt"
     existing_file.write_text("not a directory")
     cases = {"an existing file": (existing_file, r"output path .*results.txt exists and is not a directory")}
-    try:
-        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
-    except OSError:
-        cases["a read-only place"] = (READ_ONLY, r"cannot write .*mergelab-sfa: /sys/kernel is not writable")
+    if read_only_dir() is not None:
+        cases["a read-only place"] = (read_only_dir() / "mergelab-sfa",
+                                      r"cannot write .*mergelab-sfa: .* is not writable")
     return cases
 
 

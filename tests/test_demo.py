@@ -4,14 +4,13 @@ is one `error:` line with exit 2 (API, CLI and the console script), with nothing
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import read_only_dir
 
 from mergelab import MergelabError
 from mergelab.cli import main
@@ -19,23 +18,13 @@ from mergelab.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".venv" / "bin" / "mergelab"
-READ_ONLY = Path("/sys/kernel/mergelab-demo")  # /sys is read-only, even for root
-
-
-def read_only_here() -> bool:
-    try:
-        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
-    except OSError:
-        return True
-    return False
-
-
 def out_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     existing_file = tmp_path / "report.txt"
     existing_file.write_text("not a directory")
     cases = {"an existing file": (existing_file, r"output path .*report.txt exists and is not a directory")}
-    if read_only_here():
-        cases["a read-only place"] = (READ_ONLY, r"cannot write .*mergelab-demo: /sys/kernel is not writable")
+    if read_only_dir() is not None:
+        cases["a read-only place"] = (read_only_dir() / "mergelab-demo",
+                                      r"cannot write .*mergelab-demo: .* is not writable")
     return cases
 
 

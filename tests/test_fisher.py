@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import read_only_dir
 from safetensors.torch import load_file
 
 from mergelab import MergelabError
@@ -60,7 +60,7 @@ def test_bad_data_files_are_refused(tmp_path, content, match):
 # -- user errors: one line (and a hint), exit 2, found before the estimate, nothing left behind ---
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".venv" / "bin" / "mergelab"
-READ_ONLY = Path("/sys/kernel/mergelab.fisher.safetensors")  # /sys is read-only, even for root
+READ_ONLY = (read_only_dir() or Path("/nonexistent")) / "mergelab.fisher.safetensors"
 
 
 def without_tokenizer(source: Path, target: Path) -> Path:
@@ -87,17 +87,17 @@ def inputs(tiny_world, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"input": "copy 1 2 =", "output": "1 2"}) + "\n")
     (tmp_path / "taken.safetensors").write_bytes(b"earlier results")
-    return {"model": tiny_world["a"], "data": data, "no_tokenizer": without_tokenizer(tiny_world["a"], tmp_path / "bare"),
-            "pickled": pickled_bin(tmp_path / "pickled"), "tmp": tmp_path}
+    return {"model": tiny_world["a"], "data": data, "pickled": pickled_bin(tmp_path / "pickled"), "tmp": tmp_path,
+            "no_tokenizer": without_tokenizer(tiny_world["a"], tmp_path / "bare")}
 
 
 # name: (model, --out, extra options, what the one error line says)
 ERRORS = {
-    "no tokenizer": ("no_tokenizer", "f.safetensors", [], r"bare has no tokenizer \(none of tokenizer.json.*\n  hint: pass "
-                                                          r"--tokenizer PATH"),
+    "no tokenizer": ("no_tokenizer", "f.safetensors", [],
+                     r"bare has no tokenizer \(none of tokenizer.json.*\n  hint: pass --tokenizer PATH"),
     "existing out": ("model", "taken.safetensors", [], r"taken.safetensors already exists; .*--force"),
     "out is a directory": ("model", "bare", [], r"Fisher file .*bare is a directory; give a file name"),
-    "read-only out": ("model", READ_ONLY, [], r"cannot write .*mergelab.fisher.safetensors: /sys/kernel is not writable"),
+    "read-only out": ("model", READ_ONLY, [], r"cannot write .*mergelab.fisher.safetensors: .* is not writable"),
     "pickled .bin": ("pickled", "f.safetensors", [], r"pytorch_model.bin is not a plain tensor checkpoint .*convert it "
                                                      r"to safetensors"),
     "bad --samples": ("model", "f.safetensors", ["--samples", "0"], r"--samples must be a whole number of at least 1"),
@@ -110,16 +110,8 @@ def _arguments(inputs, case):
     return inputs[model], out, extra
 
 
-def _read_only_here() -> bool:
-    try:
-        os.close(tempfile.mkstemp(dir=READ_ONLY.parent)[0])
-    except OSError:
-        return True
-    return False
-
-
 def _skip_without_read_only(case):
-    if case == "read-only out" and not _read_only_here():
+    if case == "read-only out" and read_only_dir() is None:
         pytest.skip("no read-only file system here")
 
 
@@ -147,7 +139,7 @@ def test_fisher_user_errors_through_the_api_and_the_cli(inputs, case, monkeypatc
 @pytest.mark.slow
 def test_fisher_user_errors_through_the_console_script(inputs):
     for case in ERRORS:
-        if case == "read-only out" and not _read_only_here():
+        if case == "read-only out" and read_only_dir() is None:
             continue
         model, out, extra = _arguments(inputs, case)
         command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mergelab.cli"]
