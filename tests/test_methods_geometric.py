@@ -222,6 +222,22 @@ def test_arcee_fusion_takes_each_entry_from_one_model_or_the_other():
     assert torch.equal(call("arcee_fusion", [base], base), base)
 
 
+def test_arcee_fusion_quartiles_of_large_tensors_are_the_exact_sorted_values():
+    from mergelab.methods.arcee_fusion import _sorted_value
+
+    generator = torch.Generator().manual_seed(6)
+    importance = torch.rand(200_003, generator=generator).square_()  # past the histogram threshold
+    importance[:1000] = 0.0  # ties at zero
+    ordered = importance.sort().values
+    for index in (0, 50_000, 100_001, 150_001, 200_002):
+        assert _sorted_value(importance, index) == float(ordered[index])
+    shifted = importance + 1.0  # the smallest value is not 0
+    signed = importance.clone()
+    signed[7] = -0.0  # a sign bit (-0.0 sorts as 0): the exact fallback
+    assert _sorted_value(signed, 50_000) == float(ordered[50_000])
+    assert _sorted_value(shifted, 0) == float(ordered[0] + 1.0)
+
+
 def test_arcee_fusion_notes_the_sampled_quartiles_of_large_tensors():
     assert arcee_fusion_notes({}, 1_000_000) == []
     assert "1M randomly sampled" in arcee_fusion_notes({}, 1_000_001)[0]
