@@ -11,15 +11,15 @@ def merge(config, out_dir, **options):
     Args:
         config: a path to a YAML file, a YAML string, a dict, or a ``MergeConfig``.
         out_dir: the directory to create. It appears only when the merge succeeded.
-        **options: ``force``, ``threads``, ``device``, ``seed``, ``shard_size``, ``quiet``
-            (see ``mergelab.engine.MergeOptions``).
+        **options: ``force``, ``threads``, ``device``, ``seed``, ``shard_size``, ``quiet``,
+            ``no_model_card`` (see ``mergelab.config.MergeOptions``; an unknown name is refused).
 
     Returns:
         The ``pathlib.Path`` of the merged model directory.
 
     Example:
         >>> import mergelab
-        >>> mergelab.merge({"merge_method": "linear",
+        >>> mergelab.merge({"merge_method": "linear", "parameters": {"weight": 0.5},
         ...                 "models": [{"model": "a"}, {"model": "b"}]}, "out")  # doctest: +SKIP
     """
     from mergelab.engine import run_merge
