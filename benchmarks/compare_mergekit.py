@@ -56,9 +56,10 @@ def build_models(root: Path) -> dict[str, Path]:
             with torch.no_grad():
                 for param in model.parameters():
                     param.add_(torch.randn(param.shape, generator=generator) * NOISE)
-        paths[name] = root / name
-        model.save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
+        for suffix, copy in (("", model), ("16", model.to(torch.bfloat16))):  # bf16 values tie often
+            paths[name + suffix] = root / (name + suffix)
+            copy.save_pretrained(paths[name + suffix])
+            tokenizer.save_pretrained(paths[name + suffix])
     return paths
 
 
@@ -76,6 +77,9 @@ CASES: dict[str, tuple[dict, dict | None]] = {
                          "models": _models(("a", W), ("b", {"weight": 0.5})), "parameters": {"lambda": 0.8}}, None),
     "ties": ({"merge_method": "ties", "base_model": "base", "models": _models(("a", W), ("b", W), ("c", W)),
               "parameters": {"density": 0.5}}, {"keep_ties": False}),
+    "ties (bfloat16 checkpoints)": ({"merge_method": "ties", "base_model": "base16",
+                                     "models": _models(("a16", W), ("b16", W), ("c16", W)),
+                                     "parameters": {"density": 0.3}}, {"keep_ties": False}),
     "ties (no density)": ({"merge_method": "ties", "base_model": "base", "models": _models(("a", W), ("b", W))},
                           None),
     "dare_linear": ({"merge_method": "dare_linear", "base_model": "base", "models": _models(("a", W), ("b", W)),
@@ -133,7 +137,7 @@ CASES: dict[str, tuple[dict, dict | None]] = {
                                                           {"value": 0.5}]}}, None),
     "linear, dtype bfloat16": ({"merge_method": "linear", "models": _models(("a", W), ("b", W)),
                                 "dtype": "bfloat16"}, None),
-    "linear, tokenizer_source base": ({"merge_method": "linear", "models": _models(("a", W), ("b", W)),
+    "linear, tokenizer_source a model": ({"merge_method": "linear", "models": _models(("a", W), ("b", W)),
                                        "tokenizer_source": "a"}, None),
     "linear, base_model not listed": ({"merge_method": "linear", "base_model": "base",
                                        "models": _models(("a", W), ("b", W))}, None),

@@ -334,11 +334,14 @@ def test_the_optional_base_is_never_one_of_the_merged_models(world, tmp_path):
                        tmp_path / "nu", quiet=True)
 
 
-def test_nuslerp_and_multislerp_require_weights_as_mergekit_does(world, tmp_path):
+def test_required_parameters_are_refused_before_merging_as_mergekit_does(world, tmp_path):
     for method in ("nuslerp", "multislerp"):
         with pytest.raises(MergelabError, match="needs parameter 'weight'"):
             mergelab.merge({"merge_method": method, "models": [{"model": world["a"]}, {"model": world["b"]}]},
                            tmp_path / method, quiet=True)
+    with pytest.raises(MergelabError, match="nearswap needs parameter 't'"):
+        mergelab.merge({"merge_method": "nearswap", "base_model": world["base"], "models": [{"model": world["a"]}]},
+                       tmp_path / "nearswap", quiet=True)
     assert not list(tmp_path.iterdir())
 
 
