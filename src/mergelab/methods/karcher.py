@@ -29,8 +29,8 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, max_iter:
     tensor counts as 0); all tensors within ``tol`` of zero give zero.
 
     u stays a combination Σ γ_j u_j of the directions, so the iteration runs on the N×N Gram
-    matrix of the directions and the coefficients γ: the tensors are read once for the
-    Gram matrix and once for the result, however many steps it takes.
+    matrix of the directions and the coefficients γ: the tensors are read a fixed number of
+    times (norms, Gram matrix, result), however many steps it takes.
 
     Example:
         >>> a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
