@@ -22,42 +22,51 @@ from mergelab.devices import torch_threads
 SFA_TASKS = ("add", "sub")  # learnt in this order; sub interferes with add
 
 
+# The demo's own settings for the methods the papers tune (density as in the papers' sweeps, λ
+# picked on the demo world; dare_ties and breadcrumbs_ties keep the disjoint mean they were run
+# with). A method not listed runs at its registry defaults; a required parameter without one
+# gets 1 per model (weights) or 0.5 (e.g. an interpolation's t).
+DEMO_PARAMETERS = {
+    "task_arithmetic": {"lambda": 0.6},
+    "ties": {"density": 0.5, "lambda": 1.0},
+    "dare_linear": {"density": 0.5, "lambda": 0.6},
+    "dare_ties": {"density": 0.5, "lambda": 1.0, "normalize": True},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.01, "lambda": 0.6},
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01, "normalize": True},
+    "della": {"density": 0.5, "epsilon": 0.15},
+    "della_linear": {"density": 0.5, "epsilon": 0.15, "lambda": 0.6},
+    "sce": {"select_topk": 0.5},
+    "lm_cocktail": {"alpha": 0.5},
+}
+
+
 def demo_configs(paths: dict[str, Path], fisher_paths: dict[str, Path], experts: list[str]) -> dict[str, dict]:
-    """One mergekit-style config per registered method over base + ``experts``."""
+    """One mergekit-style config per registered merge method over base + ``experts``, built from
+    the method's registry entry (whether it takes a base model, how many models, which
+    parameters are required or read from tensor files), so a method joins the demo as it is
+    registered."""
+    from mergelab.methods import METHODS
+
     base = str(paths["base"])
     models = [str(paths[name]) for name in experts]
-    every = [{"model": m} for m in models]
-    return {  # weights explicit (mergekit requires them); dare_ties keeps the disjoint mean it was run with
-        "linear": {"merge_method": "linear", "models": every, "parameters": {"weight": 1.0}},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": every,
-                            "parameters": {"weight": 1.0, "lambda": 0.6}},
-        "ties": {"merge_method": "ties", "base_model": base, "models": every,
-                 "parameters": {"weight": 1.0, "density": 0.5, "lambda": 1.0}},
-        "dare_linear": {"merge_method": "dare_linear", "base_model": base, "models": every,
-                        "parameters": {"weight": 1.0, "density": 0.5, "lambda": 0.6}},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": every,
-                      "parameters": {"weight": 1.0, "density": 0.5, "lambda": 1.0, "normalize": True}},
-        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": every,
-                        "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.01, "lambda": 0.6}},
-        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base, "models": every,
-                             "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.01, "normalize": True}},
-        "della": {"merge_method": "della", "base_model": base, "models": every,
-                  "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15}},
-        "della_linear": {"merge_method": "della_linear", "base_model": base, "models": every,
-                         "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15, "lambda": 0.6}},
-        "sce": {"merge_method": "sce", "base_model": base, "models": every, "parameters": {"select_topk": 0.5}},
-        "ram": {"merge_method": "ram", "base_model": base, "models": every},
-        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": every},
-        "passthrough": {"merge_method": "passthrough", "models": [every[0]]},
-        "slerp": {"merge_method": "slerp", "base_model": models[0], "models": [{"model": models[1]}],
-                  "parameters": {"t": 0.5}},
-        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": every},
-        "fisher": {"merge_method": "fisher",
-                   "models": [{"model": m, "parameters": {"fisher": str(fisher_paths[name])}}
-                              for name, m in zip(experts, models)]},
-        "lm_cocktail": {"merge_method": "lm_cocktail", "models": [every[0], {"model": base}, *every[1:]],
-                        "parameters": {"alpha": 0.5}},
-    }
+    configs = {}
+    for name, method in METHODS.items():
+        parameters = {p.name: 1.0 if p.per_model else 0.5 for p in method.params if p.required}
+        parameters.update(DEMO_PARAMETERS.get(name, {}))
+        files = [{p.name: str(fisher_paths[expert]) for p in method.tensor_files} for expert in experts]
+        entries = [{"model": m, **({"parameters": own} if own else {})} for m, own in zip(models, files)]
+        entries = entries[: method.max_models] if method.max_models else entries
+        config = {"merge_method": name, "models": entries}
+        if method.first_model_is_base:  # an interpolation between two experts
+            config = {"merge_method": name, "base_model": models[0], "models": [{"model": models[1]}]}
+        elif method.uses_base:
+            config["base_model"] = base
+        elif name == "lm_cocktail":  # the paper's M_r over the fine-tuned model, the base and the peers
+            config["models"] = [entries[0], {"model": base}, *entries[1:]]
+        if parameters:
+            config["parameters"] = parameters
+        configs[name] = config
+    return configs
 
 
 def sfa_lm_spec(world, out: Path, steps: int = 150) -> dict:
