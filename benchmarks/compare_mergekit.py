@@ -56,9 +56,9 @@ def build_models(root: Path) -> dict[str, Path]:
             with torch.no_grad():
                 for param in model.parameters():
                     param.add_(torch.randn(param.shape, generator=generator) * NOISE)
-        for suffix, copy in (("", model), ("16", model.to(torch.bfloat16))):  # bf16 values tie often
+        for suffix, dtype in (("", torch.float32), ("16", torch.bfloat16)):  # bf16 values tie often
             paths[name + suffix] = root / (name + suffix)
-            copy.save_pretrained(paths[name + suffix])
+            model.to(dtype).save_pretrained(paths[name + suffix])  # .to converts in place: float32 first
             tokenizer.save_pretrained(paths[name + suffix])
     return paths
 

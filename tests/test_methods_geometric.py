@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 import mergelab
 from mergelab import MergelabError
 from mergelab.io import CheckpointReader
-from mergelab.methods import METHODS
-from mergelab.methods import sphere
+from mergelab.methods import METHODS, sphere
 from mergelab.methods.arcee_fusion import arcee_fusion_notes
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -232,10 +231,10 @@ def test_arcee_fusion_quartiles_of_large_tensors_are_the_exact_sorted_values():
     for index in (0, 50_000, 100_001, 150_001, 200_002):
         assert _sorted_value(importance, index) == float(ordered[index])
     shifted = importance + 1.0  # the smallest value is not 0
+    assert _sorted_value(shifted, 0) == float(ordered[0] + 1.0)
     signed = importance.clone()
     signed[7] = -0.0  # a sign bit (-0.0 sorts as 0): the exact fallback
     assert _sorted_value(signed, 50_000) == float(ordered[50_000])
-    assert _sorted_value(shifted, 0) == float(ordered[0] + 1.0)
 
 
 def test_arcee_fusion_notes_the_sampled_quartiles_of_large_tensors():
