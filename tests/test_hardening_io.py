@@ -28,6 +28,8 @@ from mergelab.cli import main
 from mergelab.io import CheckpointReader, read_safetensors_header
 from mergelab.outdir import _temp_prefix, remove_stale_temporaries
 
+from conftest import read_only_dir
+
 SCRIPT = Path(sys.executable).with_name("mergelab")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mergelab.cli"]
 
@@ -387,23 +389,15 @@ def test_temporary_directories_of_live_processes_are_left_alone(tmp_path):
 
 # -- read-only locations, full disks, free space ---------------------------------------------
 def test_read_only_location_is_refused_before_any_work(tmp_path, world):
-    readonly = Path("/sys/kernel/mergelab-out")  # read-only even for root
-    if os.access("/sys/kernel", os.W_OK) and not _really_read_only(Path("/sys/kernel")):
+    place = read_only_dir()
+    if place is None:
         pytest.skip("no read-only file system here")
+    readonly = place / "mergelab-out"
     config = linear_config(tmp_path, world["a"], world["b"])
     with pytest.raises(MergelabError, match="not writable"):
         mergelab.merge(config, readonly, quiet=True)
     code, stderr = cli("merge", config, readonly, "--quiet")
     assert code == 2 and "is not writable" in stderr
-
-
-def _really_read_only(directory: Path) -> bool:
-    try:
-        (directory / ".mergelab-probe").mkdir()
-    except OSError:
-        return True
-    (directory / ".mergelab-probe").rmdir()
-    return False
 
 
 def test_too_little_free_space_is_refused_before_any_work(tmp_path, world, monkeypatch):

@@ -25,6 +25,8 @@ from mergelab.demo.tiny import build_tokenizer, make_examples, tiny_llama
 from mergelab.evaluate import evaluate_models
 from mergelab.experiments import run_grid
 
+from conftest import read_only_dir
+
 FIVE = make_examples("copy", 5, seed=21, length=(2, 4))
 GOOD_LINE = json.dumps(FIVE[0])
 BAD_JSONL = f"{GOOD_LINE}\n{GOOD_LINE}\n{{\"input\": \"copy 1 =\", \"output\": }}\n"
@@ -204,7 +206,7 @@ def cases_for(family, p, tmp_path):
 
 @pytest.mark.parametrize("family,case", [(f, c) for f, names in CASES.items() for c in names])
 def test_hostile_input_is_one_error_line_and_leaves_nothing(hostile, tmp_path, family, case, one_thread):
-    if case == "read-only out" and os.access("/sys/kernel", os.W_OK) and not _read_only(Path("/sys/kernel")):
+    if case == "read-only out" and read_only_dir() is None:
         pytest.skip("no read-only file system here")
     cases, out = cases_for(family, hostile, tmp_path)
     args, fragments = cases[case]
@@ -215,16 +217,6 @@ def test_hostile_input_is_one_error_line_and_leaves_nothing(hostile, tmp_path, f
     assert not out.exists() and snapshot(tmp_path) == before
 
 
-def _read_only(directory: Path) -> bool:
-    try:
-        (directory / ".mergelab-probe").mkdir()
-    except OSError:
-        return True
-    (directory / ".mergelab-probe").rmdir()
-    return False
-
-
-# -- the same errors through the Python API ---------------------------------------------------
 def test_api_eval_errors(hostile, tmp_path):
     with pytest.raises(MergelabError, match="has no tokenizer"):
         evaluate_models([hostile["base"], hostile["no_tokenizer"]], hostile["tasks.yml"], progress=False)
