@@ -103,3 +103,9 @@ def test_the_runner_leaves_the_model_to_the_registry(monkeypatch):
     result = run_stream(model, tasks, Method("frozen"), SETTINGS, digits_harness(pixels, labels, tasks))
     assert result["runs"][0]["l2_distance"][1][0] == 0.0
     assert all(torch.isfinite(t).all() for t in snapshot(model).values())
+
+
+def test_a_sweep_may_name_a_parameter_by_its_attribute_or_its_spec_key():
+    by_key = [m.lam for m in expand_method({"method": "l2", "lambda": [0.1, 1]})]
+    by_name = [m.lam for m in expand_method({"method": "l2", "lam": [0.1, 1]})]
+    assert by_key == by_name == [0.1, 1.0]
