@@ -40,7 +40,7 @@ def test_readme_examples_run(tiny_world, tmp_path, monkeypatch):
     the README's model names pointing at tiny local models."""
     import json
 
-    from mergelab.demo.tiny import make_examples
+    from mergelab.lm import make_examples
 
     models = tmp_path / "models"
     models.mkdir()

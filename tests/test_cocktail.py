@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.cocktail import alpha_sweep, cocktail, fewshot_losses, fewshot_weights
-from mergelab.demo.tiny import make_examples
+from mergelab.lm import make_examples
 from mergelab.io import CheckpointReader
 
 FIVE = make_examples("copy", 5, seed=21, length=(2, 4))

@@ -22,7 +22,7 @@ from mergelab.continual import (
     snapshot,
     union,
 )
-from mergelab.demo.tiny import tiny_llama
+from mergelab.lm import tiny_llama
 
 
 def linear(weight: list[float], bias: float = 0.0) -> torch.nn.Linear:

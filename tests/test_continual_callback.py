@@ -14,7 +14,7 @@ import torch
 
 from mergelab import MergelabError
 from mergelab.continual import SFACallback, save_checkpoint, snapshot
-from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
+from mergelab.lm import build_tokenizer, encode, make_examples, tiny_llama
 
 STEPS, BATCH, LR = 6, 4, 0.05
 
@@ -138,7 +138,7 @@ import json, os, sys, torch
 torch.set_num_threads(1)
 from transformers import Trainer, TrainingArguments
 from mergelab.continual import SFACallback, snapshot
-from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
+from mergelab.lm import build_tokenizer, encode, make_examples, tiny_llama
 
 out = sys.argv[1]
 tokenizer = build_tokenizer()

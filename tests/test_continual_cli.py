@@ -112,7 +112,7 @@ def test_cli_runs_a_stream_and_writes_json_table_and_plot(tmp_path):
 
 
 def test_tasks_from_files_and_scores_from_mergelab_evaluate(tmp_path):
-    from mergelab.demo.tiny import make_examples
+    from mergelab.lm import make_examples
 
     def jsonl(name, examples):
         (tmp_path / name).write_text("".join(json.dumps(e) + "\n" for e in examples))
@@ -133,7 +133,7 @@ def test_tasks_from_files_and_scores_from_mergelab_evaluate(tmp_path):
 
 
 def test_an_evaluation_task_where_lower_is_better_is_refused(tmp_path):
-    from mergelab.demo.tiny import make_examples
+    from mergelab.lm import make_examples
 
     eval_tasks = [{"name": name, "kind": "loss", "examples": make_examples("copy", 2, 0)}
                   for name in ("copy", "reverse")]

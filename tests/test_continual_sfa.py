@@ -11,7 +11,7 @@ import torch
 
 from mergelab import MergelabError
 from mergelab.continual import SFA, averaging_interval, l2_distance, save_checkpoint, snapshot
-from mergelab.demo.tiny import build_tokenizer, encode, make_examples, tiny_llama
+from mergelab.lm import build_tokenizer, encode, make_examples, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from mergelab.io import CheckpointReader
 from mergelab.methods import METHODS
 
 from conftest import save_model
-from mergelab.demo.tiny import tiny_llama
+from mergelab.lm import tiny_llama
 
 
 def state(path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import mergelab
 from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.demo.tiny import tiny_llama
+from mergelab.lm import tiny_llama
 
 LAST_TENSOR = "model.norm.weight"  # stored last, so a NaN here is found after other tensors were written
 

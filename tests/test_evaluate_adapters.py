@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergelab.cli import main
-from mergelab.demo.tiny import make_examples
+from mergelab.lm import make_examples
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_model, evaluate_models, make_task
 from mergelab.evaluate.adapters import ingest_mteb_results, run_lm_eval, run_mteb

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergelab.demo.tiny import build_tokenizer, make_examples, tiny_llama
+from mergelab.lm import build_tokenizer, make_examples, tiny_llama
 from mergelab.evaluate import evaluate_model, load_tasks, make_task
 from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 

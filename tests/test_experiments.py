@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.demo.tiny import make_examples
+from mergelab.lm import make_examples
 from mergelab.experiments import RESULT_COLUMNS, load_spec, pick_experts, plan_cells, run_grid
 from mergelab.experiments import runner as grid_runner
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mergelab import MergelabError
 from mergelab.cli import main
 from mergelab.cocktail import alpha_sweep, cocktail, load_examples
-from mergelab.demo.tiny import build_tokenizer, make_examples, tiny_llama
+from mergelab.lm import build_tokenizer, make_examples, tiny_llama
 from mergelab.evaluate import evaluate_models
 from mergelab.experiments import run_grid
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergelab import MergelabError
-from mergelab.demo.tiny import tiny_llama
+from mergelab.lm import tiny_llama
 from mergelab.io import (
     CheckpointReader,
     ShardedWriter,

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from mergelab.demo.tiny import build_tokenizer, tiny_llama
+from mergelab.lm import build_tokenizer, tiny_llama
 from mergelab.errors import MergelabError
 from mergelab.loading import check_model_dir, load_model, load_tokenizer
 

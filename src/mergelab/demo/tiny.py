@@ -1,14 +1,9 @@
-"""The demo's tiny checkpoints: ``mergelab.lm``'s tiny Llama and word-level tokenizer, trained
-with ``mergelab.lm.train`` and saved as ordinary Hugging Face model directories."""
+"""Saving the demo's tiny checkpoints (``mergelab.lm``'s tiny Llama and word-level tokenizer,
+trained with ``mergelab.lm.train``) as ordinary Hugging Face model directories."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-# The tiny model, its tokenizer, the skills and the training loop are library pieces
-# (mergelab.lm); the demo re-exports them under their old names.
-from mergelab.lm import (DIGITS, SKILLS as TASKS, SPECIALS, WORDS, answer_loss, build_tokenizer, encode,  # noqa: F401
-                         make_examples, tiny_llama, train)
 
 
 def save(model, tokenizer, directory: Path, max_shard_size: str | None = None) -> Path:

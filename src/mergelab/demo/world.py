@@ -24,7 +24,8 @@ import yaml
 
 from mergelab.config import read_records
 from mergelab.demo.tasks import VOCABULARY, WORLD_TASKS, as_training_pair, make_split
-from mergelab.demo.tiny import build_tokenizer, save, tiny_llama, train
+from mergelab.demo.tiny import save
+from mergelab.lm import build_tokenizer, tiny_llama, train
 from mergelab.devices import torch_threads
 
 WORLD_VERSION = 1  # bump when tasks or training change, so stale caches are not reused
