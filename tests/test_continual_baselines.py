@@ -160,5 +160,19 @@ def test_checkpoints_of_tied_models_round_trip(tmp_path):
 
 
 def test_unknown_posthoc_method(tmp_path):
-    with pytest.raises(MergelabError, match="post-hoc baseline 'dare' is unknown"):
+    with pytest.raises(MergelabError, match="post-hoc baseline 'dare' is not a merge method .* choose one of: "
+                                            "arcee_fusion, breadcrumbs"):
         merge_task_models("dare", tmp_path, [tmp_path], tmp_path / "out")
+    with pytest.raises(MergelabError, match="post-hoc baseline 'linear' is not a merge method that adds task vectors"):
+        merge_task_models("linear", tmp_path, [tmp_path], tmp_path / "out")
+
+
+def test_posthoc_configs_take_the_papers_settings_and_any_registered_method(tmp_path):
+    from mergelab.continual.posthoc import posthoc_config
+
+    experts = [tmp_path / "x", tmp_path / "y", tmp_path / "z"]
+    assert posthoc_config("task_arithmetic", tmp_path, experts)["parameters"] == {"weight": 1.0, "lambda": 1 / 3}
+    assert posthoc_config("ties", tmp_path, experts)["parameters"] == {"weight": 1.0, "density": 0.2}
+    assert posthoc_config("ties", tmp_path, experts, {"density": 0.5})["parameters"]["density"] == 0.5
+    stock = posthoc_config("model_stock", tmp_path, experts)  # no weight parameter: none is written
+    assert stock["parameters"] == {} and stock["base_model"] == str(tmp_path)

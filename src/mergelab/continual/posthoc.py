@@ -8,7 +8,7 @@ Any ``torch.nn.Module`` works: checkpoints are written as a directory holding on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -16,7 +16,13 @@ from safetensors.torch import save_file
 from mergelab.continual.state import load_state, restore, snapshot
 from mergelab.errors import MergelabError
 
-POSTHOC_METHODS = ("task_arithmetic", "ties")
+# The papers' settings of the post-hoc baselines (given N per-task models); any other merge method
+# of the registry that merges task vectors onto a base model runs with the registry's defaults.
+PAPER_SETTINGS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "task_arithmetic": lambda count: {"lambda": 1.0 / count},  # θ_b + the mean task vector
+    "ties": lambda count: {"density": 0.2},  # TIES paper's density (the registry's is mergekit's 1)
+}
+POSTHOC_METHODS = tuple(PAPER_SETTINGS)
 
 
 def save_checkpoint(model_or_state: torch.nn.Module | dict[str, torch.Tensor], directory: str | Path) -> Path:
@@ -43,12 +49,18 @@ def posthoc_config(method: str, base_dir: Path, expert_dirs: Sequence[Path], par
     registry's default is mergekit's 1, no trimming). ``parameters`` overrides them (any
     parameter of that method, e.g. ``{"lambda": 0.8}`` or ``{"density": 0.5}``).
     """
-    if method not in POSTHOC_METHODS:
-        raise MergelabError(f"post-hoc baseline '{method}' is unknown; choose one of: {', '.join(POSTHOC_METHODS)}")
+    from mergelab.methods import METHODS
+
+    registered = METHODS.get(method)
+    if registered is None or not registered.uses_base:
+        usable = sorted(name for name, entry in METHODS.items() if entry.uses_base)
+        raise MergelabError(f"post-hoc baseline '{method}' is not a merge method that adds task vectors to a base "
+                            f"model; choose one of: {', '.join(usable)}")
     if not expert_dirs:
         raise MergelabError(f"{method} needs at least one per-task model")
-    paper = {"lambda": 1.0 / len(expert_dirs)} if method == "task_arithmetic" else {"density": 0.2}
-    merged_params: dict[str, Any] = {"weight": 1.0, **paper, **(parameters or {})}
+    paper = PAPER_SETTINGS.get(method, lambda count: {})(len(expert_dirs))
+    weight = {"weight": 1.0} if registered.param("weight") is not None else {}
+    merged_params: dict[str, Any] = {**weight, **paper, **(parameters or {})}
     return {"merge_method": method, "base_model": str(base_dir),
             "models": [{"model": str(path)} for path in expert_dirs], "parameters": merged_params}
 
