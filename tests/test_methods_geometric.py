@@ -344,6 +344,23 @@ def test_required_parameters_are_refused_before_merging_as_mergekit_does(world, 
     assert not list(tmp_path.iterdir())
 
 
+def test_methods_command_prints_each_method_with_its_parameters_defaults_and_paper():
+    from click.testing import CliRunner
+
+    from mergelab.cli import main
+
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0
+    blocks = {block.split()[0]: block for block in re.split(r"\n(?=\S)", result.output.strip())}
+    assert set(blocks) == set(METHODS)
+    for name, method in METHODS.items():
+        assert f"paper: {method.paper}" in blocks[name]
+    assert "weight=required*, nuslerp_flatten=True, nuslerp_row_wise=False" in blocks["nuslerp"]
+    assert "exactly 2; base_model optional" in blocks["nuslerp"]
+    assert "max_iter=10, tol=1e-05" in blocks["karcher"] and "t=required" in blocks["nearswap"]
+    assert "params: none" in blocks["arcee_fusion"] and "base_model + exactly 1 other" in blocks["arcee_fusion"]
+
+
 # -- the README ----------------------------------------------------------------------------------
 MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                     "della", "della_linear", "sce", "slerp", "nuslerp", "multislerp", "karcher", "nearswap",
