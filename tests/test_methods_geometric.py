@@ -115,7 +115,7 @@ def test_multislerp_of_identical_models_is_that_model():
 
 def test_multislerp_antipodal_models_fall_back_to_linear_for_two_and_fail_for_three():
     a = tv(1, 2)
-    assert close(call("multislerp", [a, -a], weight=[1, 1]), tv(0, 0))
+    assert close(call("multislerp", [a, -2 * a], weight=[1, 1]), tv(-0.5, -1))  # (a − 2a)/2
     with pytest.raises(MergelabError, match="directions is zero"):
         call("multislerp", [a, -a, tv(0, 0)], weight=[1, 1, 1])
     # tensors no model changed from the base merge to the base (mergekit refuses this case)

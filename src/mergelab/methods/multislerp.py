@@ -6,6 +6,7 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.methods import sphere
+from mergelab.methods.base import weighted_sum
 
 
 def check_multislerp(params: dict, where: str) -> str | None:
@@ -48,9 +49,8 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight
         for tensor in tensors:
             tensor.sub_(base)  # task vectors, in place
     norms = [sphere.norm(tensor) for tensor in tensors]
-    mean = torch.zeros_like(tensors[0])  # m, the weighted mean of the unit vectors
-    for tensor, w, norm in zip(tensors, weights, norms):
-        mean.add_(tensor, alpha=w / (norm + eps))
+    scales = [w / (norm + eps) for w, norm in zip(weights, norms)]
+    mean = weighted_sum(tensors, scales)  # m, the weighted mean of the unit vectors, in tensors[0]
     mean_norm = sphere.norm(mean)
     if mean_norm < eps and not any(norms):
         merged = mean  # every x_i is zero (a tensor no model changed from the base): so is the merge
@@ -59,7 +59,8 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight
             raise MergelabError(
                 f"multislerp: the weighted mean of the {len(tensors)} models' directions is zero (weights "
                 f"{weight} cancel opposite tensors); change the weights")
-        merged = tensors[0].mul_(weights[0]).add_(tensors[1], alpha=weights[1])
+        # linear instead: w_1 x_1 + w_2 x_2, with w_1 x_1 = (m − w_2 x_2/(|x_2| + eps))·(|x_1| + eps)
+        merged = mean.sub_(tensors[1], alpha=scales[1]).mul_(norms[0] + eps).add_(tensors[1], alpha=weights[1])
     else:
         merged = mean.mul_(sum(w * norm for w, norm in zip(weights, norms)) / mean_norm)
     return merged.add_(base) if base is not None else merged
