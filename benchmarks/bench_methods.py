@@ -2,7 +2,8 @@
 
 Same models, machine checks and measurement as `bench_merge.py` (its own process under
 /usr/bin/time -v, waits for idle CPUs, records other processes' CPU time, minimum wall time of
-the quiet runs, maximum peak RSS). Every config computes in float32 and writes bfloat16 with
+the quiet runs, maximum peak RSS), at one thread: `--threads 1` and OMP_NUM_THREADS=1 (one
+torch thread). Every config computes in float32 and writes bfloat16 with
 weight 1.0 per expert; the methods that merge any number of models take the 4 experts (with the
 base where they use one), nuslerp takes 2, nearswap, arcee_fusion and passthrough 1. Targets
 (issue 11): within 2x TIES's wall time and at most 2.5 GB peak RSS.
@@ -71,7 +72,7 @@ def run_case(args, name: str, config_path: Path) -> dict:
     while sum(r["quiet"] for r in runs) < args.repeats and len(runs) < max(args.repeats, args.max_runs):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.sync()
-        run = timed(command, args.max_wait, {})
+        run = timed(command, args.max_wait, {"OMP_NUM_THREADS": "1"})  # one torch thread, one tensor at a time
         runs.append(dict(run, quiet=run["others_cpu_s"] <= 0.1 * run["wall_s"] * os.cpu_count()))
         print(f"  {name}: {runs[-1]}", flush=True)
         shutil.rmtree(out_dir, ignore_errors=True)
