@@ -207,7 +207,8 @@ def _check_model_count(method: MergeMethod, count: int, first_is_base: bool) -> 
             hint = " (without base_model, the first listed model is the base)" if first_is_base else ""
             raise MergelabError(f"{method.name} merges exactly {total} models (base_model and {others} "
                                 f"other{'s' if low > 1 else ''}); got {count + 1}{hint}")
-        raise MergelabError(f"{method.name} merges exactly {low} models; got {count}")
+        besides = " (base_model, if given, is not one of them)" if method.optional_base else ""
+        raise MergelabError(f"{method.name} merges exactly {low} models{besides}; got {count}")
     if count < low:
         what = "models besides base_model" if method.uses_base else "models"
         raise MergelabError(f"{method.name} needs at least {low} {what}; got {count}")
