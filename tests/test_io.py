@@ -166,39 +166,80 @@ def test_parse_dtype_aliases_and_errors():
         parse_dtype("int8")
 
 
-def test_hub_ids_are_fetched_through_huggingface_hub(monkeypatch, tiny_world):
-    """No network in tests: the hub client is replaced by one that serves a local snapshot."""
-    import huggingface_hub
+class FakeHub:
+    """Stands in for huggingface_hub (no network in tests): a cache holding ``cached`` repos and
+    a Hub serving ``online`` repos from local directories."""
 
+    def __init__(self, cached=None, online=None, files=("config.json", "model.safetensors", "pytorch_model.bin")):
+        self.cached, self.online, self.files, self.calls = cached or {}, online or {}, list(files), []
+
+    def install(self, monkeypatch, reachable: bool):
+        import huggingface_hub
+
+        from mergelab import io
+
+        hub = self
+
+        class Api:
+            def list_repo_files(self, repo_id, revision=None):
+                hub.calls.append(("list", repo_id, revision))
+                if repo_id not in hub.online:
+                    raise OSError(f"404 Client Error\nRepository Not Found for url: .../{repo_id}")
+                return hub.files
+
+        def download(repo_id, revision=None, ignore_patterns=(), local_files_only=False):
+            hub.calls.append(("download", repo_id, revision, tuple(ignore_patterns), local_files_only))
+            source = hub.cached if local_files_only else hub.online
+            if repo_id not in source:
+                raise OSError("not found")
+            return str(source[repo_id])
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+        monkeypatch.setattr(io, "_hub_online", lambda: reachable)
+        return self
+
+
+def test_hub_ids_are_fetched_through_huggingface_hub(monkeypatch, tiny_world):
     from mergelab.io import resolve_model
 
-    calls = {}
-
-    class FakeApi:
-        def list_repo_files(self, repo_id, revision=None):
-            calls["listed"] = (repo_id, revision)
-            return ["config.json", "model.safetensors", "pytorch_model.bin"]
-
-    def fake_download(repo_id, revision=None, ignore_patterns=()):
-        calls["downloaded"] = (repo_id, revision, tuple(ignore_patterns))
-        return str(tiny_world["a"])
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    hub = FakeHub(online={"someorg/some-model": tiny_world["a"]}).install(monkeypatch, reachable=True)
     assert resolve_model("someorg/some-model@v1") == tiny_world["a"]
-    assert calls["listed"] == ("someorg/some-model", "v1")
-    assert "*.bin" in calls["downloaded"][2]  # safetensors present: skip the .bin duplicates
+    assert ("list", "someorg/some-model", "v1") in hub.calls
+    fetched = [c for c in hub.calls if c[0] == "download" and not c[4]]
+    assert fetched and "*.bin" in fetched[0][3]  # safetensors present: skip the .bin duplicates
+
+
+def test_a_cached_hub_model_is_used_without_the_network(monkeypatch, tiny_world):
+    from mergelab.io import resolve_model
+
+    hub = FakeHub(cached={"someorg/some-model": tiny_world["b"]}).install(monkeypatch, reachable=False)
+    assert resolve_model("someorg/some-model") == tiny_world["b"]
+    assert [c[0] for c in hub.calls] == ["download"] and hub.calls[0][4]  # local_files_only
+
+
+def test_offline_and_uncached_hub_id_fails_at_once_with_one_line(monkeypatch):
+    from mergelab.io import resolve_model
+
+    hub = FakeHub().install(monkeypatch, reachable=False)
+    with pytest.raises(MergelabError, match=r"not in the Hugging Face cache, and the Hub cannot be reached") as info:
+        resolve_model("someorg/missing-model")
+    assert "\n" not in str(info.value) and not [c for c in hub.calls if c[0] == "list"]
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
-    import huggingface_hub
-
     from mergelab.io import resolve_model
 
-    class OfflineApi:
-        def list_repo_files(self, repo_id, revision=None):
-            raise OSError("no network")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
-    with pytest.raises(MergelabError, match="could not be fetched from the Hugging Face Hub"):
+    FakeHub().install(monkeypatch, reachable=True)
+    with pytest.raises(MergelabError, match="could not be fetched from the Hugging Face Hub") as info:
         resolve_model("someorg/missing-model")
+    assert "\n" not in str(info.value) and "Repository Not Found" not in str(info.value)
+
+
+def test_hub_reachability_respects_hf_hub_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from mergelab.io import _hub_online
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert _hub_online() is False

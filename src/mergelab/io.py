@@ -16,9 +16,10 @@ import re
 import shutil
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -397,9 +398,13 @@ class CheckpointReader:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
+_NEVER_FETCHED = ["*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "*.pt", "*.pth", "*.ckpt"]
+
+
 def resolve_model(ref: str | Path) -> Path:
-    """A local directory or file as is; otherwise a Hugging Face Hub id (``org/name[@revision]``),
-    downloaded (weights, config and tokenizer only) through ``huggingface_hub``."""
+    """A local directory or file as is; otherwise a Hugging Face Hub id (``org/name[@revision]``):
+    taken from the local Hugging Face cache when it is there (so a cached model works offline),
+    else downloaded (weights, config and tokenizer only) through ``huggingface_hub``."""
     local = Path(ref).expanduser()
     if local.exists():
         return local
@@ -407,19 +412,58 @@ def resolve_model(ref: str | Path) -> Path:
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise MergelabError(f"model '{ref}': {local} does not exist; check the path")
     repo_id, _, revision = text.partition("@")
-    try:
-        from huggingface_hub import HfApi, snapshot_download
+    import huggingface_hub
 
-        files = HfApi().list_repo_files(repo_id, revision=revision or None)
-        skip = ["*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "*.pt", "*.pth", "*.ckpt"]
-        if any(f.endswith(".safetensors") for f in files):
-            skip.append("*.bin")
-        return Path(snapshot_download(repo_id, revision=revision or None, ignore_patterns=skip))
-    except Exception as exc:  # network errors come in many types
-        raise MergelabError(
-            f"model '{ref}' is not a local path and could not be fetched from the Hugging Face Hub "
-            f"({type(exc).__name__}: {exc}); check the name, your network, or download it first"
-        ) from None
+    with _quiet_hub():
+        try:
+            return Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None, local_files_only=True,
+                                                          ignore_patterns=_NEVER_FETCHED))
+        except Exception:  # not (completely) cached: fetch it
+            pass
+        if not _hub_online():
+            raise MergelabError(f"model '{ref}' is not a local path and not in the Hugging Face cache, and the Hub "
+                                f"cannot be reached (offline); check the path, or download the model first")
+        try:
+            files = huggingface_hub.HfApi().list_repo_files(repo_id, revision=revision or None)
+            skip = _NEVER_FETCHED + (["*.bin"] if any(f.endswith(".safetensors") for f in files) else [])
+            return Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None, ignore_patterns=skip))
+        except Exception as exc:  # network errors come in many types
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise MergelabError(
+                f"model '{ref}' is not a local path and could not be fetched from the Hugging Face Hub "
+                f"({type(exc).__name__}: {first}); check the name, your network, or download it first"
+            ) from None
+
+
+def _hub_online() -> bool:
+    """False when HF_HUB_OFFLINE is set or the Hub's host name does not resolve: then a fetch
+    would only retry for half a minute before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs each retry as a warning; mergelab reports the outcome as one line."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # -- writing ---------------------------------------------------------------------------------
