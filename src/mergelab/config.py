@@ -127,13 +127,17 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     source_dir = None
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and ":" not in source):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise MergelabError(f"config file {path} does not exist; check the path")
+        if not path.is_file():
+            raise MergelabError(f"config file {path} is not a regular file; pass the path of a YAML merge config")
         where, source_dir = str(path), path.parent
         try:
             source = path.read_text()
         except UnicodeDecodeError:
             raise MergelabError(f"{path} is not a text file; pass a YAML merge config") from None
+        except OSError as exc:
+            raise MergelabError(f"cannot read config file {path}: {exc.strerror}") from None
     if isinstance(source, str):
         try:
             source = yaml.safe_load(source)
