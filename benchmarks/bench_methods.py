@@ -44,6 +44,11 @@ def configs(data: Path) -> dict[str, dict]:
     sparse = {"density": TIES_DENSITY}
     every = {
         "ties": {"base_model": base, "models": models(4, **sparse)},
+        "nuslerp": {"base_model": base, "models": models(2)},
+        "multislerp": {"base_model": base, "models": models(4)},
+        "karcher": {"models": [{"model": m} for m in experts]},
+        "nearswap": {"base_model": base, "models": [{"model": experts[0]}], "parameters": {"t": 0.001}},
+        "arcee_fusion": {"base_model": base, "models": [{"model": experts[0]}]},
         "breadcrumbs": {"base_model": base, "models": models(4, **sparse, gamma=0.01)},
         "breadcrumbs_ties": {"base_model": base, "models": models(4, **sparse, gamma=0.01)},
         "della": {"base_model": base, "models": models(4, **sparse, epsilon=0.1)},
@@ -54,11 +59,6 @@ def configs(data: Path) -> dict[str, dict]:
         "ramplus_tl": {"base_model": base, "models": [{"model": m} for m in experts],
                        "parameters": {"epsilon": 1e-3}},
         "passthrough": {"models": [{"model": experts[0], "parameters": {"scale": 0.5}}]},
-        "nuslerp": {"base_model": base, "models": models(2)},
-        "multislerp": {"base_model": base, "models": models(4)},
-        "karcher": {"models": [{"model": m} for m in experts]},
-        "nearswap": {"base_model": base, "models": [{"model": experts[0]}], "parameters": {"t": 0.001}},
-        "arcee_fusion": {"base_model": base, "models": [{"model": experts[0]}]},
     }
     return {name: {"merge_method": name, **config, "dtype": "float32", "out_dtype": "bfloat16"}
             for name, config in every.items()}
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="quiet runs wanted per method")
     parser.add_argument("--max-runs", type=int, default=3, help="most runs per method while waiting for quiet ones")
     parser.add_argument("--max-wait", type=float, default=120, help="seconds to wait for an idle machine per run")
-    parser.add_argument("--only", nargs="*", help="run only these methods (ties always runs first)")
+    parser.add_argument("--only", nargs="*", help="run only these methods (list ties too for the reference)")
     args = parser.parse_args()
     args.data = args.data.resolve()
     if not (args.data / MODELS[-1] / "model.safetensors.index.json").is_file():
@@ -113,7 +113,7 @@ def main() -> None:
     stored = json.loads(args.results.read_text()) if args.only and args.results.is_file() else {"results": {}}
     results = stored["results"]
     for name, config in configs(args.data).items():
-        if args.only and name != "ties" and name not in args.only:
+        if args.only and name not in args.only:
             continue
         config_path = args.out / f"method-{name}.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
