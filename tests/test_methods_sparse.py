@@ -154,6 +154,26 @@ def test_sce_weighs_tiny_task_vectors_equally():
     assert torch.allclose(out, tv(2, 0, 3, 2) * 1e-4)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sce_variance_in_blocks_equals_the_whole_tensor_formula(monkeypatch, dtype):
+    # The variance pass works block by block to save two whole tensors; the result is the
+    # population variance entry by entry, and the merge does not depend on the block size.
+    import importlib
+
+    sce_module = importlib.import_module("mergelab.methods.sce")  # the package re-exports the function as `sce`
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 129, generator=generator, dtype=dtype)
+    experts = [base + torch.randn(37, 129, generator=generator, dtype=dtype).mul(0.01).round(decimals=3)
+               for _ in range(4)]
+    deltas = [e - base for e in experts]
+    assert torch.allclose(sce_module._variance([d.clone() for d in deltas]),
+                          torch.stack(deltas).var(dim=0, unbiased=False).float(), rtol=1e-5, atol=1e-12)
+    whole = call("sce", experts, base, select_topk=0.3)
+    monkeypatch.setattr(sce_module, "CHUNK", 1000)  # 37·129 = 4773 entries: 5 blocks, the last one short
+    assert torch.equal(call("sce", experts, base, select_topk=0.3), whole)
+
 # -- RAM ---------------------------------------------------------------------------------------------
 RAM_EXPERTS = [tv(1, 0, 2, 1e-6), tv(0, 0, 4, 0), tv(0, -3, 0, 0)]
 

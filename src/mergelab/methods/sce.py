@@ -25,17 +25,10 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float, 
     n = len(tensors)
     deltas = [tensor.sub_(base) for tensor in tensors]  # τ_i, in the experts' own buffers
     if select_topk < 1.0:
-        mean = torch.zeros_like(base)
-        for delta in deltas:
-            mean.add_(delta, alpha=1.0 / n)
-        variance = torch.zeros_like(base)
-        for delta in deltas:
-            variance.add_((delta - mean).square_(), alpha=1.0 / n)  # population variance, as mergekit
-        del mean
-        spread = variance.reshape(-1).float()  # (numel,)
+        spread = _variance(deltas).reshape(-1)  # (numel,) float32
         k = int(int(torch.count_nonzero(spread)) * select_topk)
         selected = top_k_mask(spread, k, keep_ties).reshape(base.shape)
-        del variance, spread
+        del spread
         for delta in deltas:
             delta.mul_(selected)
         del selected
@@ -47,13 +40,37 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float, 
         elected.add_(delta)
     positive = elected >= 0  # γ = +1 here (ties go to +), bool
     del elected
-    merged = torch.zeros_like(base)
+    merged = None  # the first task vector's buffer, once masked and weighted
     agreeing_weight = torch.zeros_like(base)
     for index, weight in enumerate(weights):
         delta = deltas[index]
         agrees = (delta > 0) == positive
         agrees &= delta != 0  # zeros never agree
-        merged.add_(delta.mul_(agrees), alpha=weight)
+        if merged is None:
+            merged = delta.mul_(agrees).mul_(weight)
+        else:
+            merged.add_(delta.mul_(agrees), alpha=weight)
         agreeing_weight.add_(agrees, alpha=weight)
         deltas[index] = tensors[index] = delta = None  # release as we go
     return merged.div_(agreeing_weight.clamp_(min=UNIFORM_BELOW)).add_(base)
+
+
+CHUNK = 1 << 20  # entries per block of the variance pass: a few MB of temporaries instead of two whole tensors
+
+
+def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Population variance across the task vectors per entry (as mergekit), computed block by
+    block so that only the result is a whole tensor: the same two-pass arithmetic, entry by
+    entry, as mean = Σ τ_i / n, var = Σ (τ_i − mean)² / n over whole tensors."""
+    n = len(deltas)
+    flat = [delta.reshape(-1) for delta in deltas]
+    variance = torch.empty_like(flat[0])
+    for start in range(0, variance.numel(), CHUNK):
+        block = [f[start:start + CHUNK] for f in flat]
+        mean = torch.zeros_like(block[0])
+        for part in block:
+            mean.add_(part, alpha=1.0 / n)
+        out = variance[start:start + CHUNK].zero_()
+        for part in block:
+            out.add_((part - mean).square_(), alpha=1.0 / n)
+    return variance.reshape(deltas[0].shape).float()
