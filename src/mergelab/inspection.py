@@ -11,7 +11,7 @@ import torch
 
 from mergelab.engine import Source, check_tensors
 from mergelab.errors import MergelabError
-from mergelab.io import CheckpointReader, resolve_model
+from mergelab.adapters.reader import open_reader
 from mergelab.methods.sparsify import magnitude_mask
 
 
@@ -20,7 +20,7 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
 
     Args:
         base: the model the others were fine-tuned from (path or hub id).
-        models: two or more fine-tuned models.
+        models: two or more fine-tuned models (or BASE+ADAPTER / PEFT adapter directories).
         density: TIES trim density applied before counting sign conflicts (1.0: no trim).
 
     Returns:
@@ -41,7 +41,7 @@ def inspect_task_vectors(base: str | Path, models: list[str | Path], density: fl
     with contextlib.ExitStack() as stack:  # every reader is closed, also when a check fails
         sources = []
         for ref in [base, *models]:
-            reader = CheckpointReader(resolve_model(ref), label=str(ref))
+            reader = open_reader(ref, label=str(ref))  # a model, BASE+ADAPTER or an adapter directory
             stack.callback(reader.close)
             sources.append(Source(str(ref), reader, {}))
         skipped = check_tensors(sources)
