@@ -172,7 +172,7 @@ def test_posthoc_configs_take_the_papers_settings_and_any_registered_method(tmp_
 
     experts = [tmp_path / "x", tmp_path / "y", tmp_path / "z"]
     assert posthoc_config("task_arithmetic", tmp_path, experts)["parameters"] == {"weight": 1.0, "lambda": 1 / 3}
-    assert posthoc_config("ties", tmp_path, experts)["parameters"] == {"weight": 1.0, "density": 0.2}
+    assert posthoc_config("ties", tmp_path, experts)["parameters"] == {"weight": 1.0, "density": 0.2, "lambda": 1.0}
     assert posthoc_config("ties", tmp_path, experts, {"density": 0.5})["parameters"]["density"] == 0.5
     stock = posthoc_config("model_stock", tmp_path, experts)  # no weight parameter: none is written
     assert stock["parameters"] == {} and stock["base_model"] == str(tmp_path)

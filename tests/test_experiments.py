@@ -106,6 +106,16 @@ def test_grid_resumes_done_cells(spec_file, tmp_path, monkeypatch):
     (lambda s: s["methods"].append({"name": "avg", "merge_method": "ties"}), "unique name"),
     (lambda s: s["methods"].append({"name": "x", "merge_method": "slerp"}), "cannot merge"),
     (lambda s: s.update(colour="red"), "colour"),
+    (lambda s: s["methods"].append({"name": "x", "preset": "ties-papr"}), "did you mean 'ties-paper'"),
+    (lambda s: s["methods"].append({"name": "x", "merge_method": "linear", "preset": "ties-paper"}),
+     "setting of ties, not of linear"),
+    (lambda s: s["methods"].append({"name": "x"}), "needs merge_method"),
+    (lambda s: s["methods"].append({"name": "x", "merge_method": "ties", "parameters": {"densty": 0.2}}),
+     "no parameter 'densty'"),
+    (lambda s: s["methods"].append({"name": "x", "preset": "ties-paper", "parameters": {"density": 1.5}}),
+     "'density' of method 'x'"),
+    (lambda s: (s.update(n_experts=[1]), s["methods"].append({"name": "x", "merge_method": "nearswap"})),
+     "needs parameter 't'"),
 ])
 def test_bad_specs_are_refused_before_any_merge(spec_file, change, match):
     spec = yaml.safe_load(spec_file.read_text())
@@ -113,6 +123,23 @@ def test_bad_specs_are_refused_before_any_merge(spec_file, change, match):
     spec_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(MergelabError, match=match):
         load_spec(spec_file)
+
+
+def test_a_preset_gives_the_papers_setting_for_each_cell_and_parameters_override_it(spec_file):
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["methods"] = [{"name": "ties-paper", "preset": "ties-paper"},
+                       {"name": "ta", "preset": "task_arithmetic-mean", "parameters": {"weight": 0.5}},
+                       {"name": "dare", "preset": "dare_ties-paper", "parameters": {"lambda": 0.8}}]
+    spec_file.write_text(yaml.safe_dump(spec))
+    grid = load_spec(spec_file)
+    assert [m.merge_method for m in grid.methods] == ["ties", "task_arithmetic", "dare_ties"]
+    ties = grid_runner.merge_config(grid, "ties-paper", ("ea", "eb"))
+    assert ties["merge_method"] == "ties" and ties["base_model"] == grid.base
+    assert ties["parameters"] == {"density": 0.2, "lambda": 1.0, "weight": 1.0}  # weight: the grid's equal weights
+    assert grid_runner.merge_config(grid, "ta", ("ea",))["parameters"] == {"lambda": 1.0, "weight": 0.5}
+    assert grid_runner.merge_config(grid, "ta", ("ea", "eb"))["parameters"] == {"lambda": 0.5, "weight": 0.5}
+    assert grid_runner.merge_config(grid, "dare", ("ea", "eb"))["parameters"] == {
+        "density": 0.1, "lambda": 0.8, "weight": 1.0}
 
 
 def test_tasks_without_category_or_split_are_refused(spec_file):

@@ -326,13 +326,17 @@ def grid(spec, demo, out, executor, address, keep_models) -> None:
 
 @main.command()
 def methods() -> None:
-    """List the merge methods, their parameters and papers."""
-    from mergelab.methods import METHODS
+    """List the merge methods, their parameters and papers, and the papers' presets."""
+    from mergelab.methods import METHODS, PRESETS
 
     for method in METHODS.values():
         params = ", ".join(_describe_param(p) for p in method.params) or "none"
         click.echo(f"{method.name:16} {method.summary}\n{'':16} models: {_describe_models(method)}\n"
                    f"{'':16} params: {params}   (* per model)\n{'':16} paper: {method.paper}")
+    click.echo("\npresets (the papers' settings; a grid method may name one with `preset:`):")
+    for preset in PRESETS.values():
+        settings = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in preset.settings(4).items())
+        click.echo(f"{preset.name:22} {preset.method}: {settings} (for 4 models)\n{'':22} {preset.source}")
 
 
 def _describe_param(param) -> str:

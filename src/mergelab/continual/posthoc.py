@@ -15,12 +15,13 @@ from safetensors.torch import save_file
 
 from mergelab.continual.state import load_state, restore, snapshot
 from mergelab.errors import MergelabError
+from mergelab.methods import PRESETS
 
 # The papers' settings of the post-hoc baselines (given N per-task models); any other merge method
 # of the registry that merges task vectors onto a base model runs with the registry's defaults.
 PAPER_SETTINGS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "task_arithmetic": lambda count: {"lambda": 1.0 / count},  # θ_b + the mean task vector
-    "ties": lambda count: {"density": 0.2},  # TIES paper's density (the registry's is mergekit's 1)
+    "task_arithmetic": PRESETS["task_arithmetic-mean"].settings,  # θ_b + the mean task vector
+    "ties": PRESETS["ties-paper"].settings,  # TIES paper's density 0.2 (the registry's is mergekit's 1)
 }
 POSTHOC_METHODS = tuple(PAPER_SETTINGS)
 

@@ -9,6 +9,8 @@ experts:
 methods:
   - {name: averaging, merge_method: linear}
   - {name: ties, merge_method: ties, parameters: {density: 0.5}}
+  - {name: ties-paper, preset: ties-paper}      # a paper's setting from the registry (`mergelab methods`)
+  - {name: dare, preset: dare_ties-paper, parameters: {lambda: 0.8}}   # parameters override the preset's
 n_experts: [2, 4]
 seeds: [0, 1]
 tasks: tasks.yml          # every task needs a category and a split (held_in / held_out)
@@ -21,13 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from mergelab.config import read_yaml_mapping
 from mergelab.errors import MergelabError
 from mergelab.evaluate import Task, load_tasks
 from mergelab.loading import check_model_dir
-from mergelab.methods import get_method
+from mergelab.methods import get_method, get_preset
 
 
 class ExpertSpec(BaseModel):
@@ -38,10 +40,35 @@ class ExpertSpec(BaseModel):
 
 
 class MethodSpec(BaseModel):
+    """One method of the grid: a registry method with its parameters, or a named preset (a paper's
+    setting, see ``mergelab.methods.PRESETS``) whose parameters ``parameters`` may override."""
+
     model_config = ConfigDict(extra="forbid")
     name: str
-    merge_method: str
+    merge_method: str = ""
+    preset: str | None = None
     parameters: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _method_or_preset(self) -> MethodSpec:
+        if self.preset is None:
+            if not self.merge_method:
+                raise ValueError(f"method '{self.name}' needs merge_method (or a preset)")
+            return self
+        try:
+            preset = get_preset(self.preset)
+        except MergelabError as exc:
+            raise ValueError(str(exc)) from None
+        if self.merge_method and self.merge_method != preset.method:
+            raise ValueError(f"method '{self.name}': preset '{preset.name}' is a setting of {preset.method}, "
+                             f"not of {self.merge_method}; drop merge_method or the preset")
+        self.merge_method = preset.method
+        return self
+
+    def parameters_for(self, n_models: int) -> dict[str, Any]:
+        """The top-level merge parameters for ``n_models`` experts: the preset's, then ``parameters``."""
+        settings = get_preset(self.preset).settings(n_models) if self.preset else {}
+        return {**settings, **self.parameters}
 
 
 class GridSpec(BaseModel):
@@ -112,6 +139,19 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
                for n in spec.n_experts):
             raise MergelabError(f"{where}: method '{method.name}' ({method.merge_method}) cannot merge "
                              f"{spec.n_experts} experts")
+        for key, value in method.parameters_for(max(spec.n_experts, default=1)).items():
+            param = definition.param(key)
+            if param is None:
+                valid = ", ".join(sorted(p.name for p in definition.params))
+                raise MergelabError(f"{where}: method '{method.name}' ({definition.name}) has no parameter '{key}'; "
+                                    f"its parameters are: {valid}")
+            if not isinstance(value, (dict, list)) and not param.tensor_file and not param.ignored:
+                param.check(value, f"of method '{method.name}' in {where}")
+        given = method.parameters_for(1)
+        missing = [p.name for p in definition.tensor_params if p.required and p.name != "weight" and p.name not in given]
+        if missing:  # (the grid gives every expert weight 1 unless the spec says otherwise)
+            raise MergelabError(f"{where}: method '{method.name}' ({definition.name}) needs parameter "
+                                f"'{missing[0]}'; add it under that method's parameters")
     if not spec.n_experts or any(n < 1 for n in spec.n_experts):
         raise MergelabError(f"{where}: n_experts must list positive numbers")
     if max(spec.n_experts) > len(spec.experts):

@@ -15,6 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from mergelab.errors import MergelabError
 from mergelab.methods.base import MergeMethod, Param
 from mergelab.methods.arcee_fusion import arcee_fusion, arcee_fusion_notes
@@ -285,6 +289,45 @@ METHODS: dict[str, MergeMethod] = {
 IGNORED_PARAMS = {p.name for method in METHODS.values() for p in method.params if p.ignored}
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named setting of a method from its paper, for grids and baselines (never a silent default:
+    the registry's defaults are mergekit's, so that a mergekit YAML means the same here).
+
+    ``parameters(n)`` gives the top-level parameters for ``n`` merged models.
+    """
+
+    name: str
+    method: str
+    parameters: Callable[[int], dict[str, Any]]
+    source: str
+
+    def settings(self, n_models: int) -> dict[str, Any]:
+        return dict(self.parameters(n_models))
+
+
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset("ties-paper", "ties", lambda n: {"density": 0.2, "lambda": 1.0},
+           "Yadav et al. 2023 (TIES): keep the top 20% of each task vector, λ = 1"),
+    Preset("dare_ties-paper", "dare_ties", lambda n: {"density": 0.1, "lambda": 1.0},
+           "Yu et al. 2024 (DARE): drop rate p = 0.9, so 10% of each task vector survives, then TIES"),
+    Preset("dare_linear-paper", "dare_linear", lambda n: {"density": 0.1, "lambda": 1.0},
+           "Yu et al. 2024 (DARE): drop rate p = 0.9, then task arithmetic"),
+    Preset("task_arithmetic-mean", "task_arithmetic", lambda n: {"lambda": 1.0 / n},
+           "θ_b + the mean task vector (λ = 1/N), the equal-weight task arithmetic of the soup-to-go baselines"),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name, with the list of valid names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        raise MergelabError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}"
+                            + (f" (did you mean '{close[0]}'?)" if close else "")) from None
+
+
 def get_method(name: str) -> MergeMethod:
     """Look a method up by name, with the list of valid names in the error."""
     try:
@@ -293,4 +336,5 @@ def get_method(name: str) -> MergeMethod:
         raise MergelabError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "MergeMethod", "Param", "Sparsify", "Consensus", "get_method", "IGNORED_PARAMS"]
+__all__ = ["METHODS", "MergeMethod", "Param", "Sparsify", "Consensus", "get_method", "IGNORED_PARAMS", "PRESETS",
+           "Preset", "get_preset"]
