@@ -44,9 +44,9 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:
         return 0.0
     if k <= 0:
         return float("inf")
-    # The top 16 bits of each (little-endian) float32, as a strided int16 view: no copy. The
+    # The top 16 bits of each (little-endian) float32, as int16. The
     # sign bit is 0, so they read as 0..32767 and order like the values.
-    high = magnitudes.view(torch.int16)[1::2]  # (n,)
+    high = magnitudes.view(torch.int16)[1::2].contiguous()  # (n,); a strided view costs bincount twice
     counts = torch.bincount(high, minlength=1 << 15)  # (32768,)
     from_top = counts.flip(0).cumsum(0)
     rank = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)).item())
@@ -88,6 +88,40 @@ def magnitude_mask(delta: torch.Tensor, density: float, keep_ties: bool = True) 
         return torch.ones_like(delta, dtype=torch.bool)
     magnitudes = delta.reshape(-1).abs().float()
     return top_k_mask(magnitudes, int(density * magnitudes.numel()), keep_ties).reshape(delta.shape)
+
+
+SMALLEST_SUBNORMAL = 2.0**-149  # the least positive float32
+
+
+def magnitude_trim_(delta: torch.Tensor, density: float, keep_ties: bool = True,
+                    scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES trim in place: zero all but the top k = int(density·numel) entries of ``delta`` by
+    absolute value (``delta * magnitude_mask(delta, density, keep_ties)``, bit for bit).
+
+    ``scratch``: a float32 buffer of ``delta``'s size to hold |delta| (one is allocated when it
+    is None or the wrong size); it is returned, so a caller trimming several task vectors pays
+    for one allocation. With ``keep_ties`` the mask is made in that buffer (|delta| >= the
+    threshold, as 1.0/0.0) and multiplied in: no boolean tensor, no conversion of one.
+    """
+    if density >= 1.0:
+        return scratch
+    flat = delta.reshape(-1)
+    if scratch is None or scratch.numel() != flat.numel() or scratch.device != delta.device:
+        scratch = torch.empty(flat.shape, dtype=torch.float32, device=delta.device)
+    magnitudes = torch.abs(flat, out=scratch) if flat.dtype == torch.float32 else scratch.copy_(flat.abs())
+    k = int(density * magnitudes.numel())
+    if not keep_ties:
+        flat.mul_(top_k_mask(magnitudes, k, keep_ties=False))
+        return scratch
+    if k <= 0:
+        flat.mul_(0.0)
+        return scratch
+    threshold = magnitude_threshold(magnitudes, k)
+    # Zeros are never kept: a threshold of 0 (k spans every non-zero entry) becomes the
+    # smallest positive float32, so that >= means > 0.
+    keep = magnitudes.ge_(max(threshold, SMALLEST_SUBNORMAL))  # 1.0 where kept, 0.0 elsewhere (NaN: 0.0)
+    flat.mul_(keep)
+    return scratch
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float, keep_ties: bool = True) -> torch.Tensor:
@@ -185,7 +219,7 @@ def sparsify_(delta: torch.Tensor, how: Sparsify, density: float, *, rescale: Re
         return delta
     l1_before = float(delta.abs().sum()) if rescale is Rescale.L1 else 0.0
     if how is Sparsify.MAGNITUDE:
-        delta.mul_(magnitude_mask(delta, density, keep_ties))
+        magnitude_trim_(delta, density, keep_ties)
     elif how is Sparsify.OUTLIERS:
         delta.mul_(outlier_mask(delta, density, gamma, keep_ties))
     elif how is Sparsify.RANDOM:

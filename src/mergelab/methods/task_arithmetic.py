@@ -24,7 +24,7 @@ import enum
 import torch
 
 from mergelab.errors import MergelabError
-from mergelab.methods.sparsify import Rescale, Sparsify, sparsify_
+from mergelab.methods.sparsify import Rescale, Sparsify, magnitude_trim_, sparsify_
 
 
 class Consensus(enum.Enum):
@@ -79,15 +79,20 @@ def generalized_task_arithmetic(
     if sparsify is not None and rescale:
         random = sparsify in (Sparsify.RANDOM, Sparsify.DELLA)
         how = Rescale.KEEP_PROBABILITY if random and not rescale_l1 else Rescale.L1
+    scratch = None  # |τ| for the TIES trim, one buffer for every expert
     for index, w in enumerate(weight):
         delta = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
-        if sparsify is not None:
+        if sparsify is Sparsify.MAGNITUDE and how is None:
+            scratch = magnitude_trim_(delta, density[index], bool(keep_ties), scratch)
+        elif sparsify is not None:
             sparsify_(delta, sparsify, density[index], rescale=how, keep_ties=bool(keep_ties),
                       gamma=gamma[index] if gamma else None, epsilon=epsilon[index] if epsilon else None,
                       seed=seed, model_index=index, key=key)
-        delta.mul_(w)
+        if w != 1.0:  # x·1.0 is x exactly: skip the pass
+            delta.mul_(w)
+    del scratch
     merged = _sign_consensus(tensors, weight, normalize) if consensus else _plain_sum(tensors, weight, normalize)
-    return merged.mul_(lam).add_(base)
+    return (merged if lam == 1.0 else merged.mul_(lam)).add_(base)
 
 
 def _plain_sum(deltas: list, weight: list[float], normalize: bool) -> torch.Tensor:
@@ -105,27 +110,36 @@ def _plain_sum(deltas: list, weight: list[float], normalize: bool) -> torch.Tens
 
 
 def _sign_consensus(deltas: list, weight: list[float], normalize: bool) -> torch.Tensor:
-    """TIES elect + disjoint sum (or mean), holding at most one extra float tensor at a time
-    besides the deltas, which are released one by one."""
-    total = torch.zeros_like(deltas[0])
-    for delta in deltas:
-        total.add_(delta)
-    positive = total >= 0  # γ = +1 here (ties go to +), bool
-    del total
-    merged = torch.zeros_like(deltas[0])
-    equal_weights = len(set(weight)) == 1
-    if normalize:  # how much weight agreed, per entry
-        divisor = torch.zeros(merged.shape, dtype=torch.uint8 if equal_weights else merged.dtype,
-                              device=merged.device)
+    """TIES elect + disjoint sum (or mean), bit for bit the straightforward
+    Σ_i τ̂_i·[sgn τ̂_i = γ] / Σ_i w_i·[sgn τ̂_i = γ] with γ = sgn Σ_i τ̂_i (+ where the sum is 0).
+
+    Two passes over the task vectors, in place, with one extra float tensor (γ as ±1) and a
+    count. Election and disjoint sum are fused by flipping each τ̂_i to γ's sign: the entries
+    that agree are then exactly the positive ones, so ``clamp(min=0)`` selects them and the sum
+    of the flipped survivors is |Σ agreeing τ̂_i| (negation is exact, so no rounding changes).
+    """
+    sign = deltas[0].clone()  # Σ_i τ̂_i, summed in model order (its sign is the election)
+    for delta in deltas[1:]:
+        sign.add_(delta)
+    sign.ge_(0).mul_(2).sub_(1)  # γ: +1 where the sum is >= 0 (ties go to +), -1 elsewhere (NaN: -1)
+    equal_weights = len(set(weight)) == 1 and len(weight) < 256
+    merged = count = kept = None
     for index, w in enumerate(weight):
-        delta = deltas[index]
-        agrees = (delta > 0) == positive
-        agrees &= delta != 0  # zeros never agree
-        merged.add_(delta.mul_(agrees))
-        if normalize:
-            divisor.add_(agrees if equal_weights else agrees * w)
-        deltas[index] = delta = None
+        flipped = deltas[index].mul_(sign).clamp_(min=0)  # |τ̂_i| where it agrees with γ, else 0
+        deltas[index] = None  # release as we go: the caller hands its buffers over
+        if normalize:  # how much weight agreed, per entry
+            if equal_weights:
+                kept = torch.gt(flipped, 0, out=kept)
+                count = kept.to(torch.uint8) if count is None else count.add_(kept.view(torch.uint8))
+            else:
+                agreed = torch.sign(flipped)  # 1.0 where it agrees (flipped > 0), else 0.0
+                count = agreed.mul_(w) if count is None else count.add_(agreed, alpha=w)
+        merged = flipped if merged is None else merged.add_(flipped)
+    merged.mul_(sign).add_(0.0)  # back to γ's sign; + 0.0 turns -0.0 into 0.0, as a sum from 0 does
     if normalize:
-        scale = divisor.to(merged.dtype).mul_(weight[0]) if equal_weights else divisor
-        merged.div_(scale.masked_fill_(scale == 0, 1.0))
+        if equal_weights and weight[0] > 0:  # no agreement: merged is 0 there, divided by w instead of 1
+            merged.div_(count.clamp_(min=1).to(merged.dtype).mul_(weight[0]))
+        else:
+            scale = count.to(merged.dtype).mul_(weight[0]) if equal_weights else count
+            merged.div_(scale.masked_fill_(scale == 0, 1.0))
     return merged

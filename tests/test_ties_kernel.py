@@ -1,0 +1,130 @@
+"""The TIES kernel (trim, elect, disjoint mean: one fused, in-place pass per step) against a
+straightforward reference written from the paper's three steps, on random tensors, including
+task vectors with many entries tied at the trim threshold, zeros, and -0.0 in the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.methods import METHODS
+from mergelab.methods.sparsify import dare_mask, magnitude_trim_
+
+
+def reference_ties(experts, base, weight, density, lam=1.0, normalize=True, keep_ties=True, masks=None):
+    """TIES as the paper describes it, one step at a time, nothing in place."""
+    deltas = []
+    for index, expert in enumerate(experts):
+        delta = expert - base
+        if masks is not None:  # DARE-TIES: a given random mask (already rescaled or not)
+            delta = delta * masks[index]
+        elif density[index] < 1.0:  # trim: keep the top k by |delta|, k = int(density·numel)
+            k = int(density[index] * delta.numel())
+            magnitudes = delta.abs().flatten()
+            if k == 0:
+                keep = torch.zeros_like(delta, dtype=torch.bool)
+            else:
+                threshold = magnitudes.sort(descending=True).values[k - 1]
+                if keep_ties:
+                    keep = (delta.abs() >= threshold) & (delta != 0)
+                else:  # exactly k: the tied entries first in storage order
+                    above = magnitudes > threshold
+                    tied = torch.nonzero(magnitudes == threshold).flatten()[: k - int(above.sum())]
+                    above[tied] = True
+                    keep = above.reshape(delta.shape) & (delta != 0)
+            delta = torch.where(keep, delta, torch.zeros_like(delta))
+        deltas.append(delta * weight[index])
+    total = torch.zeros_like(base)
+    for delta in deltas:
+        total = total + delta
+    positive = total >= 0  # elect: ties go to +
+    merged, agreed = torch.zeros_like(base), torch.zeros_like(base)
+    for delta, w in zip(deltas, weight):
+        agrees = torch.where(positive, delta > 0, delta < 0)  # zeros never agree
+        merged = merged + torch.where(agrees, delta, torch.zeros_like(delta))
+        agreed = agreed + agrees.float() * w
+    if normalize:
+        merged = merged / torch.where(agreed == 0, torch.ones_like(agreed), agreed)
+    return base + lam * merged
+
+
+def random_case(seed: int, ties: bool):
+    generator = torch.Generator().manual_seed(seed)
+    shape = [(33,), (16, 9), (7, 5, 3)][seed % 3]
+    base = torch.randn(shape, generator=generator)
+    base.view(-1)[0] = -0.0
+    experts = []
+    for _ in range(2 + seed % 3):
+        if ties:  # small integers: most |τ| tie with others, many exactly at the threshold
+            delta = torch.randint(-3, 4, shape, generator=generator).float() / 8
+        else:
+            delta = torch.randn(shape, generator=generator) * 0.01
+        experts.append(base + delta)
+    return experts, base
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
+def test_ties_equals_the_reference_bit_for_bit(seed, ties):
+    experts, base = random_case(seed, ties)
+    n = len(experts)
+    density = [(0.2, 0.5, 0.9, 1.0)[(seed + i) % 4] for i in range(n)]
+    for keep_ties in (True, False):
+        expected = reference_ties(experts, base, [1.0] * n, density, keep_ties=keep_ties)
+        got = METHODS["ties"]([e.clone() for e in experts], base.clone(), weight=[1.0] * n, density=density,
+                              keep_ties=keep_ties)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weighted_ties_and_lambda_match_the_reference(seed):
+    """Weights enter before the election (as mergekit); the divisor is the agreeing weight."""
+    experts, base = random_case(seed, ties=seed % 2 == 0)
+    n = len(experts)
+    weight = [(1.0, 0.5, 2.0, 0.25)[i % 4] for i in range(n)]
+    expected = reference_ties(experts, base, weight, [0.5] * n, lam=0.7)
+    got = METHODS["ties"]([e.clone() for e in experts], base.clone(), weight=weight, density=[0.5] * n,
+                          **{"lambda": 0.7})
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_normalize_is_the_disjoint_sum():
+    experts, base = random_case(3, ties=True)
+    n = len(experts)
+    expected = reference_ties(experts, base, [1.0] * n, [0.5] * n, normalize=False)
+    got = METHODS["ties"]([e.clone() for e in experts], base.clone(), weight=[1.0] * n, density=[0.5] * n,
+                          normalize=False)
+    assert torch.equal(got, expected)
+
+
+def test_dare_ties_uses_the_same_election_as_the_reference():
+    experts, base = random_case(4, ties=False)
+    n = len(experts)
+    masks = [dare_mask(base.shape, 0.5, 7, i, "w").float() / 0.5 for i in range(n)]
+    expected = reference_ties(experts, base, [1.0] * n, [0.5] * n, masks=masks, normalize=True)
+    got = METHODS["dare_ties"]([e.clone() for e in experts], base.clone(), weight=[1.0] * n, density=[0.5] * n,
+                               normalize=True, seed=7, key="w")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_hand_computed_election():
+    """Three task vectors on four entries, density 1: elect + disjoint mean by hand."""
+    base = torch.zeros(4)
+    experts = [torch.tensor([1.0, -2.0, 3.0, 0.0]),
+               torch.tensor([-3.0, 1.0, 1.0, 0.0]),
+               torch.tensor([1.0, -1.0, -5.0, 0.0])]
+    # sums: -1 (γ -), -2 (γ -), -1 (γ -), 0 (γ +, nothing agrees)
+    got = METHODS["ties"]([e.clone() for e in experts], base, weight=[1.0] * 3, density=[1.0] * 3)
+    assert torch.equal(got, torch.tensor([-3.0, -1.5, -5.0, 0.0]))
+    assert not got[3].signbit()  # an entry nothing agrees on is +0.0, not -0.0
+
+
+def test_trim_keeps_every_entry_tied_at_the_threshold_and_never_a_zero():
+    delta = torch.tensor([0.0, 1.0, -1.0, 1.0, 0.5, -0.0, 2.0, 0.25])
+    magnitude_trim_(delta, 0.25)  # k = 2: 2.0 and the three tied 1.0s
+    assert torch.equal(delta, torch.tensor([0.0, 1.0, -1.0, 1.0, 0.0, -0.0, 2.0, 0.0]))
+    only_zeros = torch.zeros(8)
+    magnitude_trim_(only_zeros, 0.5)
+    assert torch.equal(only_zeros, torch.zeros(8))
+    scratch = magnitude_trim_(torch.ones(8), 0.5)
+    assert scratch.shape == (8,) and magnitude_trim_(torch.ones(8), 0.5, scratch=scratch) is scratch
