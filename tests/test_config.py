@@ -88,10 +88,10 @@ def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
 
 def test_the_cli_prints_a_config_error_as_one_error_line(tmp_path):
     path = tmp_path / "merge.yml"
-    path.write_text(yaml.safe_dump({**VALID, "chat_template": "chatml"}))
+    path.write_text(yaml.safe_dump({**VALID, "modules": {"text": {"models": []}}}))
     result = CliRunner().invoke(main, ["merge", str(path), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert result.output.startswith(f"error: {path} uses 'chat_template'") and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {path} uses 'modules'") and result.output.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

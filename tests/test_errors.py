@@ -114,10 +114,11 @@ def test_unknown_top_level_key(tmp_path, world):
     expect_error(config, tmp_path / "out", r"unknown (top-level )?key 'nomalize'")
 
 
-def test_slices_config(tmp_path, world):
-    config = {"merge_method": "linear",
-              "slices": [{"sources": [{"model": world["a"], "layer_range": [0, 2]}]}]}
-    expect_error(config, tmp_path / "out", r"uses 'slices' .* list whole models under 'models'")
+def test_slices_config_past_the_last_layer(tmp_path, world):
+    config = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": world["a"], "layer_range": [0, 3]}]}]}
+    expect_error(config, tmp_path / "out", r"slices\[0\]\.sources\[0\]: layer_range \[0, 3\) of model .* goes past "
+                                           r"its 2 layers; the last range it has is \[0, 2\)")
 
 
 # -- methods, model counts and roles -----------------------------------------------------------
@@ -214,7 +215,7 @@ def test_vocab_size_mismatch(tmp_path, world):
     tiny_llama(vocab_size=32).save_pretrained(other)
     expect_error(linear(world["base"], str(other)), tmp_path / "out",
                  rf"vocab size mismatch: tensor 'model\.embed_tokens\.weight' has 18 rows in model "
-                 rf"'{esc(world['base'])}' .* but 32 in model '{esc(other)}' .*resize_token_embeddings")
+                 rf"'{esc(world['base'])}' but 32 in model '{esc(other)}' .*set tokenizer_source: union")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])

@@ -1,15 +1,16 @@
 """The merge config: mergekit's YAML format (the common part), validated where it arrives.
 
 Accepted keys: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
-top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. A parameter value
+top-level ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``, ``tokenizer``
+(``source``, ``tokens``, ``pad_to_multiple_of``), ``chat_template``, and ``slices`` (instead of
+``models``: ``sources`` with ``model``, ``layer_range`` and ``parameters``). A parameter value
 may be a scalar, a gradient (a list of numbers interpolated over the layers, first layer to
 last; tensors outside the layers take its first value, as in mergekit), or a list of
 ``{filter: substring, value: ...}`` entries where the first entry whose filter occurs in the
 tensor name wins and an entry without a filter (or with ``filter: "*"``) is the fallback.
 Per-model parameters given at the top level apply to every model, as in mergekit.
 
-mergekit keys that mergelab does not implement yet (``slices``, ``modules``, ``tokenizer``,
-``chat_template``) and misspelt keys are refused with one line that names the key; any other
+mergekit keys that mergelab does not implement yet (``modules``) and misspelt keys are refused with one line that names the key; any other
 problem is reported as one line naming the file and the field path (``models[1].parameters``).
 """
 
@@ -21,7 +22,7 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -46,17 +47,55 @@ class InputModel(BaseModel):
     parameters: dict[str, ParamValue] = {}
 
 
+class SliceSource(BaseModel):
+    """One model's layers [start, end) in a slice."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = {}
+
+
+class Slice(BaseModel):
+    """Output layers taken from (one source: copied) or merged across (several sources) models."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = {}
+
+
+class TokenSetting(BaseModel):
+    """Where one output token's embedding row comes from (mergekit's ``tokenizer.tokens``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = None
+    force: bool = False
+
+
+class TokenizerSetting(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and per-token row sources."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "base"
+    tokens: dict[str, TokenSetting] = {}
+    pad_to_multiple_of: int | None = None
+
+
 class MergeConfig(BaseModel):
     """A merge, as a mergekit-style YAML describes it."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    models: list[InputModel]
+    models: list[InputModel] = []
+    slices: list[Slice] | None = None
     base_model: str | None = None
     parameters: dict[str, ParamValue] = {}
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSetting | None = None
+    chat_template: str | None = None
+    output: Literal["adapter"] | None = None  # "adapter": merge LoRA adapters into one (mergelab.adapters)
     source_dir: Path | None = None  # where the YAML file lives, to resolve relative model paths
 
     def to_yaml(self) -> str:
@@ -78,7 +117,12 @@ class MergeOptions:
     """
 
     force: bool = _option(False, "Replace OUT_DIR if it exists (only after the merge succeeded).")
-    threads: int = _option(1, "Tensors merged concurrently (each holds about N+1 float32 tensors).")
+    threads: int | str = _option("auto", "Tensors merged concurrently, or auto (the usable cores, at most 4; "
+                                         "--max-memory bounds what they hold).")
+    max_memory: str | int = _option("2.5GB", "Memory the tensors in flight may use together (about (N+3) float32 "
+                                             "copies of each tensor being merged).")
+    executor: str = _option("local", "local (threads in this process) or ray (tensor jobs as Ray tasks).")
+    address: str | None = _option(None, "Ray cluster address for --executor ray (default: start a local one).")
     device: str = _option("cpu", "Where the arithmetic runs: cpu, cuda, cuda:N or mps.")
     seed: int = _option(0, "Seed of DARE's random masks.")
     shard_size: str | int = _option("5GB", "Largest output shard (5GB, 500MB, or a number of bytes).")
@@ -86,6 +130,8 @@ class MergeOptions:
     no_model_card: bool = _option(False, "Do not write a README.md model card into OUT_DIR.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.threads, str) and self.threads.strip().isdigit():  # from the command line
+            self.threads = int(self.threads)
         types = typing.get_type_hints(type(self))
         for spec in fields(self):
             value, expected = getattr(self, spec.name), types[spec.name]
@@ -154,17 +200,41 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         config = MergeConfig.model_validate({**source, "source_dir": source_dir})
     except ValidationError as exc:
         raise MergelabError(f"{where}: {_validation_problem(exc, source)}") from None
-    if not config.models:
+    if config.slices is not None:
+        _check_slices(config, where)
+    elif not config.models:
         raise MergelabError(f"{where} lists no models; add at least one under 'models'")
+    if config.tokenizer is not None and config.tokenizer_source is not None:
+        raise MergelabError(f"{where} sets both tokenizer_source and tokenizer.source; keep one "
+                            f"(tokenizer: {{source: ...}} is mergekit's newer form)")
     return config
+
+
+def _check_slices(config: MergeConfig, where: str) -> None:
+    if config.models:
+        raise MergelabError(f"{where} has both 'models' and 'slices'; use one (slices name their models)")
+    if not config.slices:
+        raise MergelabError(f"{where} lists no slices; add at least one under 'slices'")
+    for number, piece in enumerate(config.slices):
+        if not piece.sources:
+            raise MergelabError(f"{where}: slices[{number}] has no sources; add at least one")
+        lengths = set()
+        for index, source in enumerate(piece.sources):
+            start, end = source.layer_range
+            if not 0 <= start < end:
+                raise MergelabError(f"{where}: slices[{number}].sources[{index}].layer_range {[start, end]} must be "
+                                    f"[start, end) with 0 <= start < end")
+            lengths.add(end - start)
+        if len(lengths) > 1:
+            raise MergelabError(f"{where}: the sources of slices[{number}] take different numbers of layers "
+                                f"({', '.join(str(n) for n in sorted(lengths))}); a merged slice pairs its "
+                                f"sources' layers one to one")
 
 
 # mergekit keys that mergelab does not implement yet: (the feature, what to do instead)
 UNSUPPORTED_KEYS = {
-    "slices": ("layer-wise assembly", "list whole models under 'models' instead"),
-    "modules": ("per-module merge configs", "merge whole models under 'models' instead"),
-    "tokenizer": ("mergekit's tokenizer merging", "remove it (tokenizer_source: MODEL copies one model's tokenizer)"),
-    "chat_template": ("choosing the merged model's chat template", "remove it and set the template after merging"),
+    "modules": ("per-module merge configs, for models made of several modules such as a vision tower and a "
+                "language model", "merge each module as its own model, or use 'slices' for one decoder"),
 }
 
 
@@ -215,6 +285,10 @@ def _allowed_keys(parent: list) -> list[str]:
         return [name for name in MergeConfig.model_fields if name != "source_dir"]
     if len(parent) == 2 and parent[0] == "models":
         return list(InputModel.model_fields)
+    if parent[0] == "slices" and len(parent) in (2, 4):
+        return list((Slice if len(parent) == 2 else SliceSource).model_fields)
+    if parent[0] == "tokenizer" and len(parent) in (1, 3):
+        return list((TokenizerSetting if len(parent) == 1 else TokenSetting).model_fields)
     return list(Filtered.model_fields)
 
 

@@ -10,6 +10,7 @@ a temporary directory that is renamed into place only when everything succeeded.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import shutil
@@ -44,7 +45,20 @@ from mergelab.io import (
 from mergelab.modelcard import write_model_card
 from mergelab.outdir import check_free_space
 from mergelab.methods import MergeMethod, get_method
+from mergelab.methods import METHODS as _METHODS
+from mergelab.layers import cut_config, slice_tensors
+from mergelab.vocab import (
+    Vocabulary,
+    build_vocabulary,
+    is_vocab_tensor,
+    merge_rows,
+    mismatch_message,
+    resolve_chat_template,
+    save_tokenizer,
+    write_chat_template,
+)
 
+_COPY = _METHODS["passthrough"]  # a remapped embedding of a one-source slice: its rows, copied
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
                    "spiece", "sentencepiece")
 
@@ -63,7 +77,12 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
-    params: dict[str, Any] | None  # None: copied from the reference model (integer/bool buffers)
+    params: dict[str, Any] | None  # None: copied (integer/bool buffers; a one-source slice)
+    # slices: (index into plan.models, input tensor name) per merged model, or the one copied;
+    # None: every expert's tensor of this name
+    reads: tuple[tuple[int, str], ...] | None = None
+    base_read: str | None = None  # slices: the base model's input tensor (None: job.name, if a base is used)
+    remap_rows: bool = False  # embeddings/lm_head: rows aligned to the output vocabulary by token string
 
 
 @dataclass
@@ -80,10 +99,19 @@ class MergePlan:
     compute_dtype: torch.dtype
     options: MergeOptions
     readers: list[CheckpointReader] = field(default_factory=list)
+    vocab: Vocabulary | None = None  # the output vocabulary, when tokenizer_source/tokenizer asks for one
+    config_updates: dict[str, Any] = field(default_factory=dict)  # config.json keys the output changes
+    chat_template: str | None = None
+    card_notes: list[str] = field(default_factory=list)
 
     @property
     def reference(self) -> Source:
         return self.base or self.experts[0]
+
+    @property
+    def models(self) -> list[Source]:
+        """The base (if any) then the experts: what ``TensorJob.reads`` indexes."""
+        return ([self.base] if self.base else []) + self.experts
 
     def close(self) -> None:
         for reader in self.readers + [r for readers in self.tensor_files.values() for r in readers]:
@@ -92,6 +120,11 @@ class MergePlan:
 
 def run_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, **options: Any) -> Path:
     """Validate and run a merge; see ``mergelab.merge``."""
+    config = load_config(config)
+    if config.output == "adapter":  # LoRA adapters into one adapter, not a model
+        from mergelab.adapters.combine import merge_adapters_config
+
+        return merge_adapters_config(config, out_dir, MergeOptions.from_kwargs(**options))
     plan = plan_merge(config, out_dir, MergeOptions.from_kwargs(**options))
     try:
         return execute(plan)
@@ -105,18 +138,21 @@ def plan_merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, opt
     cfg = load_config(config)
     method = get_method(cfg.merge_method)
     _check_options(options)
-    base_entry, expert_entries = _assign_roles(cfg, method)
+    base_entry, expert_entries = _slice_roles(cfg, method) if cfg.slices else _assign_roles(cfg, method)
     _check_parameter_names(cfg, method)
 
     readers: dict[Path, CheckpointReader] = {}
     opened: list[CheckpointReader] = []  # every reader, closed here if planning fails
 
     def open_source(ref: str, parameters: dict[str, Any]) -> Source:
-        path = _locate(ref, cfg)
-        if path not in readers:
-            readers[path] = CheckpointReader(path, label=ref)
-            opened.append(readers[path])
-        return Source(ref, readers[path], parameters)
+        from mergelab.adapters.reader import AdapterReader, adapter_input
+
+        with_adapter = adapter_input(ref, lambda r: _locate(r, cfg))  # BASE+ADAPTER or an adapter directory
+        key = with_adapter or _locate(ref, cfg)
+        if key not in readers:
+            readers[key] = AdapterReader(*with_adapter, label=ref) if with_adapter else CheckpointReader(key, label=ref)
+            opened.append(readers[key])
+        return Source(ref, readers[key], parameters)
 
     try:
         return _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source, readers, opened)
@@ -132,35 +168,114 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
     sources = ([base] if base else []) + experts
     out = check_output_dir(out_dir, options.force, inputs=[reader.path for reader in readers.values()])
 
-    skipped = check_tensors(sources)
+    vocab = _plan_vocabulary(cfg, sources)
+    remapping = vocab is not None and bool(vocab.row_maps)  # False where every model already has the output rows
+    remapped = {n for s in sources for n in s.reader.tensors if is_vocab_tensor(n)} if remapping else set()
+    skipped = set() if cfg.slices else check_tensors(sources, remapped)
     tensor_files = _open_tensor_files(method, experts, cfg, opened)
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
-    num_layers = _num_layers(reference.reader)
+    config_updates: dict[str, Any] = {}
 
-    jobs = []
     notes: dict[str, None] = {}  # where this merge deliberately differs from mergekit's, in order, once each
-    names = sorted(set(reference.reader.tensors) - skipped, key=lambda n: _storage_order(reference.reader, n))
-    for name in names:
-        info = reference.reader.tensors[name]
-        if not info.dtype.is_floating_point:
-            jobs.append(TensorJob(name, info.shape, info.dtype, None))
-            continue
-        params = _tensor_params(method, cfg, experts, name, layer_position(name, num_layers))
-        jobs.append(TensorJob(name, info.shape, out_dtype or info.dtype, params))
-        if method.notes:
-            notes.update(dict.fromkeys(method.notes(params, math.prod(info.shape))))
+    if cfg.slices:
+        jobs, reference, config_updates = _slice_jobs(cfg, method, sources, base, out_dtype, remapped, notes)
+    else:
+        jobs = []
+        num_layers = _num_layers(reference.reader)
+        names = sorted(set(reference.reader.tensors) - skipped, key=lambda n: _storage_order(reference.reader, n))
+        for name in names:
+            info = reference.reader.tensors[name]
+            if not info.dtype.is_floating_point:
+                jobs.append(TensorJob(name, info.shape, info.dtype, None))
+                continue
+            params = _tensor_params(method, cfg, experts, name, layer_position(name, num_layers))
+            jobs.append(TensorJob(name, info.shape, out_dtype or info.dtype, params, remap_rows=name in remapped))
+            if method.notes:
+                notes.update(dict.fromkeys(method.notes(params, math.prod(info.shape))))
     for note in notes:
         logging.getLogger("mergelab").warning(f"{method.name} differs from mergekit here: {note}")
 
+    card_notes = []
+    if vocab is not None:
+        for job in jobs:
+            if job.remap_rows:
+                job.shape = (vocab.rows, *job.shape[1:])
+        config_updates["vocab_size"] = vocab.rows
+        if vocab.new_tokens:
+            card_notes.append(f"No input model has the token(s) {', '.join(repr(t) for t in vocab.new_tokens)}: "
+                              f"their embedding rows start as the mean of the merged rows; train them before use.")
     check_free_space(out, output_size(jobs))
-    tokenizer_dir = None
-    if cfg.tokenizer_source is not None:
-        if cfg.tokenizer_source == "union":
-            raise MergelabError("tokenizer_source 'union' (merging vocabularies) is not supported; name one model")
-        tokenizer_dir = base.reader.path if cfg.tokenizer_source == "base" and base else _locate(cfg.tokenizer_source, cfg)
+    chat_template = None
+    if cfg.chat_template is not None:
+        chat_template = resolve_chat_template(cfg.chat_template, {s.ref: s.reader.path for s in sources})
     return MergePlan(cfg, method, base, experts, tensor_files, jobs, Path(out_dir), reference.reader.path,
-                     tokenizer_dir, compute_dtype, options, list(readers.values()))
+                     None, compute_dtype, options, list(readers.values()), vocab, config_updates, chat_template,
+                     card_notes)
+
+
+def _plan_vocabulary(cfg: MergeConfig, sources: list[Source]) -> Vocabulary | None:
+    """The output vocabulary from tokenizer_source or the tokenizer: block; None without either."""
+    setting = cfg.tokenizer
+    mode = setting.source if setting is not None else cfg.tokenizer_source
+    if mode is None:
+        return None
+    models = {source.ref: source.reader.path for source in sources}
+    row_counts = {source.ref: _embedding_rows(source) for source in sources}
+    vocab = build_vocabulary(mode, models, sources[0].ref, row_counts,
+                             tokens=setting.tokens if setting is not None else None,
+                             pad_to_multiple_of=setting.pad_to_multiple_of if setting is not None else None,
+                             locate=lambda ref: _locate(ref, cfg))
+    if vocab.is_identity(list(models), row_counts) and not vocab.forced:
+        vocab.row_maps = {}  # every model already has the output rows: nothing to remap
+    return vocab
+
+
+def _embedding_rows(source: Source) -> int:
+    """Rows of a model's input embedding (its vocabulary tensors' first dimension)."""
+    names = [n for n in source.reader.tensors if is_vocab_tensor(n)]
+    if not names:
+        raise MergelabError(f"model '{source.ref}' has no embedding tensor mergelab recognises, so its vocabulary "
+                            f"cannot be aligned; remove tokenizer_source/tokenizer")
+    inputs = [n for n in names if "lm_head" not in n and "embed_out" not in n and not n.startswith("output")]
+    return source.reader.tensors[(inputs or names)[0]].shape[0]
+
+
+def _slice_jobs(cfg, method, sources, base, out_dtype, remapped, notes):
+    """The jobs of a ``slices`` merge: (jobs, the reference source, config.json updates)."""
+    by_ref = {source.ref: index for index, source in enumerate(sources)}
+    shapes = {}
+    for ref in dict.fromkeys(src.model for piece in cfg.slices for src in piece.sources):
+        tensors = sources[by_ref[ref]].reader.tensors
+        shapes[ref] = {name: (info.shape, info.dtype.is_floating_point) for name, info in tensors.items()}
+    planned, layers, old_count = slice_tensors(cfg.slices, shapes, lambda name: name in remapped)
+    reference = sources[by_ref[cfg.slices[0].sources[0].model]]
+    jobs = []
+    for tensor in planned:
+        piece = cfg.slices[tensor.slice_index]
+        ref, first_name = tensor.inputs[0]
+        info = sources[by_ref[ref]].reader.tensors[first_name]
+        remap = tensor.name in remapped
+        if len(tensor.inputs) == 1 or not info.dtype.is_floating_point:
+            dtype = (out_dtype or info.dtype) if info.dtype.is_floating_point else info.dtype
+            jobs.append(TensorJob(tensor.name, info.shape, dtype, None, ((by_ref[ref], first_name),),
+                                  remap_rows=remap))
+            continue
+        slice_cfg = cfg.model_copy(update={"parameters": {**cfg.parameters, **piece.parameters}})
+        merged = [(src, name) for src, (_, name) in zip(piece.sources, tensor.inputs)
+                  if base is None or src.model != base.ref]
+        experts = [Source(src.model, sources[by_ref[src.model]].reader, src.parameters) for src, _ in merged]
+        base_read = next((name for src, (_, name) in zip(piece.sources, tensor.inputs)
+                          if base is not None and src.model == base.ref), None)
+        params = _tensor_params(method, slice_cfg, experts, tensor.name, tensor.position)
+        reads = tuple((by_ref[src.model], name) for src, name in merged)
+        jobs.append(TensorJob(tensor.name, info.shape, out_dtype or info.dtype, params, reads, base_read, remap))
+        if method.notes:
+            notes.update(dict.fromkeys(method.notes(params, math.prod(info.shape))))
+    configs = {ref: sources[by_ref[ref]].reader.config or {} for ref in shapes}
+    original = reference.reader.config or {}
+    cut = cut_config(original, layers, configs, old_count)
+    return jobs, reference, {key: value for key, value in cut.items() if original.get(key) != value}
 
 
 def _check_options(options: MergeOptions) -> None:
@@ -216,6 +331,31 @@ def _check_model_count(method: MergeMethod, count: int, first_is_base: bool) -> 
         raise MergelabError(f"{method.name} takes at most {high} models; got {count}")
 
 
+def _slice_roles(cfg: MergeConfig, method: MergeMethod):
+    """(the base model's ref or None, one entry per other model the slices use), checking each
+    merged slice's sources against the method's model count and base_model."""
+    from mergelab.config import InputModel
+
+    needs_base = method.uses_base or (method.optional_base and cfg.base_model is not None)
+    if method.tensor_files:
+        raise MergelabError(f"{method.name} reads per-model tensor files, which slices do not support; merge whole "
+                            f"models under 'models'")
+    for number, piece in enumerate(cfg.slices):
+        refs = [source.model for source in piece.sources]
+        if len(refs) == 1:
+            continue  # copied
+        if len(set(refs)) != len(refs):
+            raise MergelabError(f"slices[{number}] lists model '{refs[0]}' twice; a merged slice takes each model once")
+        if needs_base and cfg.base_model not in refs:
+            raise MergelabError(f"slices[{number}] merges {len(refs)} sources with {method.name}, which needs "
+                                f"base_model among them; add base_model and list it as one of the slice's sources")
+        count = len(refs) - (1 if needs_base else 0)
+        _check_model_count(method, count, False)
+    refs = [source.model for piece in cfg.slices for source in piece.sources]
+    base = cfg.base_model if needs_base else None
+    return base, [InputModel(model=ref) for ref in dict.fromkeys(refs) if ref != base]
+
+
 def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
     valid = {p.name for p in method.params}
     for name in cfg.parameters:
@@ -226,7 +366,13 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod) -> None:
                 + (f" (did you mean '{close[0]}'?)" if close else "")
             )
     per_model = {p.name for p in method.params if p.per_model}
-    for entry in cfg.models:
+    for number, piece in enumerate(cfg.slices or []):
+        for name in piece.parameters:
+            if name not in valid:
+                raise MergelabError(f"parameter '{name}' of slices[{number}] is not used by {method.name}; its "
+                                    f"parameters are: {', '.join(sorted(valid))}")
+    slice_sources = [source for piece in cfg.slices or [] for source in piece.sources]
+    for entry in list(cfg.models) + slice_sources:
         for name in entry.parameters:
             if name in valid and name not in per_model:
                 raise MergelabError(f"parameter '{name}' of model '{entry.model}' is not per-model; put it under "
@@ -258,9 +404,10 @@ def _rebuilt_buffer(reader: CheckpointReader, name: str) -> bool:
     return name.rsplit(".", 1)[-1] in REBUILT_BUFFERS and not reader.tensors[name].dtype.is_floating_point
 
 
-def check_tensors(sources: list[Source]) -> set[str]:
+def check_tensors(sources: list[Source], remapped: set[str] = frozenset()) -> set[str]:
     """Check names, shapes, dtypes and integer buffers agree; return the names to leave out
-    (legacy ``position_ids`` buffers some of the checkpoints carry and others don't)."""
+    (legacy ``position_ids`` buffers some of the checkpoints carry and others don't). The
+    ``remapped`` tensors (embeddings aligned by token) may differ in their number of rows."""
     reference = sources[0]
     names = set(reference.reader.tensors)
     skipped: set[str] = set()
@@ -284,7 +431,8 @@ def check_tensors(sources: list[Source]) -> set[str]:
         info = reference.reader.tensors[name]
         for source in sources[1:]:
             other = source.reader.tensors[name]
-            if other.shape != info.shape:
+            rows_only = name in remapped and len(other.shape) == len(info.shape) and other.shape[1:] == info.shape[1:]
+            if other.shape != info.shape and not rows_only:
                 raise MergelabError(_shape_message(name, reference, source, info.shape, other.shape))
             if other.dtype.is_floating_point != info.dtype.is_floating_point:
                 raise MergelabError(
@@ -312,12 +460,8 @@ def _shape_message(name, reference, source, shape_a, shape_b) -> str:
     rows_differ = len(shape_a) == len(shape_b) and shape_a[0] != shape_b[0] and shape_a[1:] == shape_b[1:]
     if rows_differ and (("embed" in name or "lm_head" in name or "wte" in name)
                         or (vocab_a and vocab_b and vocab_a != vocab_b)):
-        return (
-            f"vocab size mismatch: tensor '{name}' has {shape_a[0]} rows in model '{reference.ref}' "
-            f"(config vocab_size {vocab_a}) but {shape_b[0]} in model '{source.ref}' (vocab_size {vocab_b}); "
-            f"the models use different vocabularies. Resize the embeddings to one tokenizer "
-            f"(model.resize_token_embeddings) before merging"
-        )
+        return mismatch_message({reference.ref: reference.reader.path, source.ref: source.reader.path},
+                                reference.ref, source.ref, name, (shape_a[0], shape_b[0]))
     return (
         f"tensor '{name}' has shape {tuple(shape_a)} in model '{reference.ref}' but {tuple(shape_b)} in model "
         f"'{source.ref}'; all models must share one architecture"
@@ -435,8 +579,7 @@ def execute(plan: MergePlan) -> Path:
         writer.finish()
         float_dtypes = {job.out_dtype for job in plan.jobs if job.params is not None}
         copy_support_files(plan.support_dir, tmp, float_dtypes.pop() if len(float_dtypes) == 1 else None)
-        if plan.tokenizer_dir is not None:
-            _copy_tokenizer(plan.tokenizer_dir, tmp)
+        _write_vocabulary_and_layers(plan, tmp)
         config_yaml = plan.config.to_yaml()
         (tmp / "mergelab_config.yml").write_text(config_yaml)
         if not options.no_model_card:
@@ -444,6 +587,9 @@ def execute(plan: MergePlan) -> Path:
             write_model_card(tmp, method=plan.method.name, paper=plan.method.paper, summary=plan.method.summary,
                              inputs=[source.ref for source in sources], base=plan.base.ref if plan.base else None,
                              config_yaml=config_yaml)
+            if plan.card_notes:
+                with (tmp / "README.md").open("a") as card:
+                    card.write("\n## Notes\n\n" + "".join(f"- {note}\n" for note in plan.card_notes))
     return plan.out_dir
 
 
@@ -465,22 +611,47 @@ def _inputs(plan: MergePlan) -> list[tuple[CheckpointReader, str]]:
     return [(s.reader, f"model '{s.ref}'") for s in sources] + [(r, r.label) for r in files]
 
 
+def _job_inputs(plan: MergePlan, job: TensorJob) -> tuple[tuple[Source, str] | None, list[tuple[Source, str]]]:
+    """Which tensor of which model a job reads: (the base's or None, the experts')."""
+    if job.reads is None:
+        uses_base = plan.base is not None and job.params is not None
+        return ((plan.base, job.name) if uses_base else None), [(s, job.name) for s in plan.experts]
+    models = plan.models
+    base = (plan.base, job.base_read) if plan.base is not None and job.base_read is not None else None
+    return base, [(models[index], name) for index, name in job.reads]
+
+
 def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    if job.params is None:
-        return plan.reference.reader.get(job.name)
+    if job.params is None and not job.remap_rows:  # copied: integer buffers, one-source slices
+        source, name = (plan.reference, job.name) if job.reads is None else (plan.models[job.reads[0][0]],
+                                                                             job.reads[0][1])
+        return source.reader.get(name).to(job.out_dtype)
+    if job.remap_rows:
+        with plan.vocab.lock:  # embeddings are remapped one at a time: at most one (V, H) output extra
+            return _merge_tensor_rows(plan, job, device)
+    return _merge_tensor_rows(plan, job, device)
+
+
+def _merge_tensor_rows(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
     dtype = plan.compute_dtype
 
-    def load(reader: CheckpointReader) -> torch.Tensor:
-        return reader.get(job.name).to(device=device, dtype=dtype)
+    def load(reader: CheckpointReader, name: str = job.name) -> torch.Tensor:
+        return reader.get(name).to(device=device, dtype=dtype)
 
-    base = load(plan.base.reader) if plan.base else None
-    tensors = [load(s.reader) for s in plan.experts]
+    base_input, expert_inputs = _job_inputs(plan, job)
+    base = load(base_input[0].reader, base_input[1]) if base_input else None
+    tensors = [load(s.reader, name) for s, name in expert_inputs]
     extra: dict[str, Any] = {}
-    if plan.method.uses_seed:
+    if plan.method.uses_seed and job.params is not None:
         extra.update(seed=plan.options.seed, key=job.name)
     for param_name, readers in plan.tensor_files.items():  # one tensor per expert, e.g. fisher=
         extra[param_name] = [load(reader) for reader in readers]
-    merged = plan.method(tensors, base, **job.params, **extra)
+    if job.remap_rows:
+        method, params = (plan.method, job.params) if job.params is not None else (_COPY, {"scale": [1.0]})
+        merged = merge_rows(plan.vocab, method, params, extra, (base_input[0].ref, base) if base_input else None,
+                            [(s.ref, t) for (s, _), t in zip(expert_inputs, tensors)])
+    else:
+        merged = plan.method(tensors, base, **job.params, **extra)
     out = merged.to(dtype=job.out_dtype)
     # NaN and Inf in any input propagate into the result (even through a zero weight or mask:
     # 0·NaN = NaN), so one reduction of the output guards every input at once. A sum that
@@ -493,11 +664,14 @@ def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torc
 
 
 def _explain_non_finite(plan: MergePlan, job: TensorJob) -> None:
-    for reader, label in _inputs(plan):
-        tensor = reader.get(job.name)
+    base_input, expert_inputs = _job_inputs(plan, job)
+    files = [(reader, job.name, reader.label) for readers in plan.tensor_files.values() for reader in readers]
+    for reader, name, label in [(s.reader, n, f"model '{s.ref}'") for s, n in ([base_input] if base_input else [])
+                                + expert_inputs] + files:
+        tensor = reader.get(name)
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise MergelabError(f"{label}: tensor '{job.name}' contains {bad} NaN/Inf values; "
+            raise MergelabError(f"{label}: tensor '{name}' contains {bad} NaN/Inf values; "
                              f"fix or re-export that checkpoint")
     raise MergelabError(f"merging tensor '{job.name}' with {plan.method.name} produced NaN/Inf values from finite "
                      f"inputs (they overflow {str(job.out_dtype).removeprefix('torch.')}?); check the weights and "
@@ -508,3 +682,22 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
     for item in source.iterdir():
         if item.is_file() and item.name.startswith(TOKENIZER_FILES):
             shutil.copy2(item, target / item.name)
+
+
+def _write_vocabulary_and_layers(plan: MergePlan, target: Path) -> None:
+    """After the support files are copied: the output tokenizer, config.json's changed keys
+    (vocab_size, the layer count and per-layer lists of a slices merge) and the chat template."""
+    if plan.tokenizer_dir is not None:
+        _copy_tokenizer(plan.tokenizer_dir, target)
+    if plan.vocab is not None:
+        save_tokenizer(plan.vocab, target)
+    config_path = target / "config.json"
+    if plan.config_updates and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        nested = config.get("text_config") if "vocab_size" not in config and isinstance(config.get("text_config"),
+                                                                                           dict) else None
+        for key, value in plan.config_updates.items():
+            (nested if key == "vocab_size" and nested is not None else config)[key] = value
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if plan.chat_template is not None:
+        write_chat_template(target, plan.chat_template)
