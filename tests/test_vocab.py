@@ -275,3 +275,22 @@ def test_bad_token_sources_are_refused_before_merging(vocab_world, tmp_path, tok
 def test_tokenizer_source_and_tokenizer_block_together_are_refused():
     with pytest.raises(MergelabError, match="sets both tokenizer_source and tokenizer.source"):
         load_config(linear(("a", 1.0), tokenizer_source="union", tokenizer={"source": "base"}))
+
+
+def test_lm_cocktail_merges_models_that_differ_by_added_tokens_through_the_union(vocab_world, tmp_path):
+    from mergelab.cocktail import cocktail
+    from mergelab.vocab import union_if_vocabularies_differ
+
+    assert union_if_vocabularies_differ([vocab_world["chat"], vocab_world["chat"]]) == {}
+    assert union_if_vocabularies_differ([vocab_world["chat"], vocab_world["base"]]) == {"tokenizer_source": "union"}
+    examples = [{"input": "the cat sat on", "output": "the mat"}, {"input": "the dog ran under", "output": "the log"}]
+    result = cocktail(tmp_path / "out", finetuned=vocab_world["chat"], base=vocab_world["base"],
+                      peers=[vocab_world["tool"]], examples=examples)
+    out = Path(result.out_dir)
+    assert sum(result.weights) == pytest.approx(1.0)
+    # the target's vocabulary first, then the peers' added tokens: chat's ids are kept
+    assert ids(out) == {**ids(vocab_world["chat"]), "<tool>": 122}
+    merged, chat = weights(out), weights(vocab_world["chat"])
+    assert merged["lm_head.weight"].shape[0] == 123
+    # <|im_start|>: only the target has it, so its row is the target's (weights renormalized over it)
+    torch.testing.assert_close(merged["lm_head.weight"][120], chat["lm_head.weight"][120])

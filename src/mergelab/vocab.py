@@ -257,6 +257,22 @@ def _few(tokens: list[str], shown: int = 5) -> str:
     return listed + (f" and {len(tokens) - shown} more" if len(tokens) > shown else "")
 
 
+def union_if_vocabularies_differ(models) -> dict[str, str]:
+    """``{"tokenizer_source": "union"}`` when the models' ``vocab_size`` differ (added tokens, a
+    padded embedding), else ``{}``: what LM-Cocktail and the grid add to the configs they build,
+    so models that differ only by added tokens merge through the union vocabulary (the first
+    model's tokenizer, plus the others' added tokens)."""
+    sizes = set()
+    for model in models:
+        config_path = Path(model) / "config.json"
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            config = {}
+        sizes.add(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
+    return {"tokenizer_source": "union"} if len(sizes - {None}) > 1 else {}
+
+
 # -- merging rows ------------------------------------------------------------------------------
 def merge_rows(vocab: Vocabulary, method, params: dict[str, Any], extra: dict[str, Any],
                base: tuple[str, torch.Tensor] | None, experts: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
