@@ -143,9 +143,11 @@ class LoraAdapter:
             raise MergelabError(f"adapter '{self.label}': lora_alpha {alpha!r} is not a number; fix {CONFIG_FILE}")
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
-    def check_against(self, tensors: dict[str, TensorInfo], base_label: str) -> dict[str, LoraModule]:
+    def check_against(self, tensors: dict[str, TensorInfo], base_label: str,
+                      tied_embeddings: bool = False) -> dict[str, LoraModule]:
         """Check every adapted module and replaced tensor against the base's tensors; return
-        the modules with their orientation fixed from the base's shapes (Conv1D stores (in, out))."""
+        the modules with their orientation fixed from the base's shapes (Conv1D stores (in, out)).
+        With ``tied_embeddings`` a saved tensor the base does not store (a tied output layer) is dropped."""
         checked = {}
         for target, module in self.modules.items():
             info = tensors.get(target)
@@ -179,9 +181,12 @@ class LoraAdapter:
                     raise MergelabError(f"adapter '{self.label}': DoRA magnitude of '{module.name}' has shape "
                                         f"{self.reader.tensors[module.magnitude_key].shape}, expected ({rows},)")
             checked[target] = module
-        for name, key in self.replaced.items():
+        for name, key in list(self.replaced.items()):
             info = tensors.get(name)
             own = self.reader.tensors[key]
+            if info is None and tied_embeddings:  # the output layer's copy of a tied embedding: it follows that
+                del self.replaced[name]
+                continue
             if info is None:
                 raise MergelabError(f"adapter '{self.label}' saves tensor '{name}' (modules_to_save), but base model "
                                     f"'{base_label}' has no such tensor; use the base the adapter was trained on")

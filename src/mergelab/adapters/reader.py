@@ -41,7 +41,8 @@ class AdapterReader:
             self.base.close()
             raise
         try:
-            self.modules = self.adapter.check_against(self.base.tensors, str(base))
+            tied = bool((self.base.config or {}).get("tie_word_embeddings"))
+            self.modules = self.adapter.check_against(self.base.tensors, str(base), tied_embeddings=tied)
         except BaseException:
             self.close()
             raise
