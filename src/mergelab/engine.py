@@ -13,8 +13,11 @@ import difflib
 import json
 import logging
 import math
+import os
 import shutil
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from mergelab.config import (  # MergeOptions lives with the config so the CLI c
     layer_position,
     load_config,
 )
-from mergelab.devices import check_device
+from mergelab.devices import check_device, torch_threads
 from mergelab.errors import MergelabError
 from mergelab.io import (
     CheckpointReader,
@@ -279,9 +282,17 @@ def _slice_jobs(cfg, method, sources, base, out_dtype, remapped, notes):
 
 
 def _check_options(options: MergeOptions) -> None:
-    if options.threads < 1:
-        raise MergelabError(f"--threads must be at least 1, got {options.threads}")
+    if options.threads != "auto" and (not isinstance(options.threads, int) or options.threads < 1):
+        raise MergelabError(f"--threads must be a whole number, at least 1, or auto; got {options.threads!r}")
     parse_size(options.shard_size)
+    try:
+        parse_size(options.max_memory)
+    except MergelabError:
+        raise MergelabError(f"--max-memory '{options.max_memory}' is not a size; write it like 2.5GB or 800MB") from None
+    if options.executor not in ("local", "ray"):
+        raise MergelabError(f"--executor '{options.executor}' is not known; use local or ray")
+    if options.address is not None and options.executor != "ray":
+        raise MergelabError("--address is the Ray cluster's address; it needs --executor ray")
     check_device(options.device, "--device")
 
 
@@ -551,28 +562,18 @@ def _tensor_params(method: MergeMethod, cfg: MergeConfig, experts: list[Source],
 def execute(plan: MergePlan) -> Path:
     """Run a validated plan; returns the output directory."""
     options = plan.options
-    device = torch.device(options.device)
     inputs = [reader.path for reader, _ in _inputs(plan)]
     with atomic_directory(plan.out_dir, options.force, inputs=inputs, size=output_size(plan.jobs)) as tmp:
         writer = ShardedWriter(tmp, [(j.name, j.shape, j.out_dtype) for j in plan.jobs],
                                parse_size(options.shard_size))
         progress = tqdm(total=len(plan.jobs), unit="tensor", desc=f"{plan.method.name}", disable=options.quiet)
         try:
-            def run(job: TensorJob) -> None:
-                writer.write(job.name, _merge_tensor(plan, job, device))
-                progress.update(1)
+            if options.executor == "ray":
+                from mergelab.distributed import run_jobs_on_ray
 
-            if options.threads == 1:
-                for job in plan.jobs:
-                    run(job)
+                writer.record(run_jobs_on_ray(plan, tmp, progress))
             else:
-                with ThreadPoolExecutor(options.threads) as pool:
-                    futures = [pool.submit(run, job) for job in plan.jobs]
-                    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-                    for future in pending:
-                        future.cancel()
-                    for future in done:
-                        future.result()
+                run_jobs(plan, plan.jobs, writer, progress)
         finally:
             progress.close()
             writer.close()
@@ -591,6 +592,151 @@ def execute(plan: MergePlan) -> Path:
                 with (tmp / "README.md").open("a") as card:
                     card.write("\n## Notes\n\n" + "".join(f"- {note}\n" for note in plan.card_notes))
     return plan.out_dir
+
+
+AUTO_MAX_THREADS = 4  # more tensors at once than this only trade memory for little speed
+METHOD_TEMPORARIES = 2  # compute-dtype tensors a method allocates beside its inputs (TIES: γ and |τ|)
+
+
+def merge_threads(options: MergeOptions) -> int:
+    """The worker threads of a local merge: ``--threads``, or for auto the usable cores (≤ 4)."""
+    if options.threads != "auto":
+        return options.threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_MAX_THREADS))
+
+
+def job_bytes(plan: MergePlan, job: TensorJob) -> int:
+    """Memory one tensor job holds while it runs (README, "Memory"): its inputs and the method's
+    temporaries in the compute dtype, the raw bytes of one read, and the output."""
+    numel = math.prod(job.shape)
+    if job.params is None and not job.remap_rows:
+        return numel * job.out_dtype.itemsize * 2
+    inputs = len(plan.experts) + (1 if plan.base else 0) + sum(len(r) for r in plan.tensor_files.values())
+    return numel * (plan.compute_dtype.itemsize * (inputs + METHOD_TEMPORARIES) + 4 + job.out_dtype.itemsize)
+
+
+def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, progress=None,
+             threads: int | None = None) -> list[str]:
+    """Merge ``jobs`` and write each at its offset: on ``threads`` worker threads (default: the
+    plan's), each reusing its own buffers, with the tensors in flight bounded by --max-memory.
+    Returns the names written. The first failure stops the rest and is raised."""
+    options = plan.options
+    device = torch.device(options.device)
+    threads = min(threads or merge_threads(options), max(1, len(jobs)))
+    budget = MemoryBudget(parse_size(options.max_memory) - _resident_bytes(), threads)
+    local = threading.local()
+    written: list[str] = []
+
+    def run(job: TensorJob) -> None:
+        workspace = getattr(local, "workspace", None) or Workspace()
+        local.workspace = workspace
+        with budget.hold(workspace, job_bytes(plan, job)):
+            writer.write(job.name, _merge_tensor(plan, job, device, workspace))
+        written.append(job.name)
+        if progress is not None:
+            progress.update(1)
+
+    if threads == 1:
+        for job in jobs:
+            run(job)
+        return written
+    # Each worker thread gets an equal share of torch's intra-op threads, so that workers and
+    # their OpenMP teams together never oversubscribe the cores.
+    with torch_threads(max(1, torch.get_num_threads() // threads)), ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(run, job) for job in jobs]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            future.result()
+    return written
+
+
+def _resident_bytes() -> int:
+    """This process' resident memory now (0 where /proc is missing): the budget is for the whole
+    process, so what it already holds (torch, the plan) is not available to tensors."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Workspace:
+    """One worker's buffers, reused from tensor to tensor: the raw bytes of a read and one
+    compute-dtype slot per input. A fresh multi-hundred-MB tensor per read costs a page fault
+    per 4 KB page (most of a merge's time, benchmarks/README.md); a reused one costs nothing."""
+
+    def __init__(self) -> None:
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.slots: list[torch.Tensor] = []
+        self.held = 0  # bytes of the memory budget this worker holds
+
+    def load(self, reader, name: str, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``reader``'s tensor ``name`` as ``dtype`` on ``device``, in slot ``slot`` (CPU)."""
+        if device.type != "cpu" or type(reader) is not CheckpointReader:  # adapter-backed or other readers
+            return reader.get(name).to(device=device, dtype=dtype)
+        info = reader.tensors[name]
+        numel = math.prod(info.shape)
+        while len(self.slots) <= slot:
+            self.slots.append(torch.empty(0, dtype=torch.uint8))
+        if self.slots[slot].numel() < numel * dtype.itemsize:
+            self.slots[slot] = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        target = self.slots[slot][:numel * dtype.itemsize].view(dtype).view(info.shape)
+        if info.dtype == dtype:  # read straight into the slot
+            return reader.get(name, out=self.slots[slot])
+        if self.raw.numel() < numel * info.dtype.itemsize:
+            self.raw = torch.empty(numel * info.dtype.itemsize, dtype=torch.uint8)
+        return target.copy_(reader.get(name, out=self.raw))
+
+    def release(self) -> None:
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.slots = []
+
+
+class MemoryBudget:
+    """Bytes the tensors in flight may use together, shared by the worker threads.
+
+    A worker holds what its largest job since it last let go needed. A job that needs more
+    waits until that much is free, letting go of its own buffers first; a job larger than the
+    whole budget runs once nothing else is held (it cannot run in less). When a worker is
+    waiting, the others let go after their current job, so a large tensor is not starved by
+    a stream of small ones.
+    """
+
+    def __init__(self, total: int, threads: int):
+        self.total = max(total, 0)
+        self.threads = threads
+        self.used = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, workspace: Workspace, need: int):
+        with self._cond:
+            if need > workspace.held:
+                self._let_go(workspace)
+                while self.used and self.used + need > self.total:
+                    self.waiting += 1
+                    self._cond.wait()
+                    self.waiting -= 1
+                self.used += need
+                workspace.held = need
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self.waiting or workspace.held * self.threads > self.total:  # a large job: give it back
+                    self._let_go(workspace)
+
+    def _let_go(self, workspace: Workspace) -> None:
+        workspace.release()
+        self.used -= workspace.held
+        workspace.held = 0
+        self._cond.notify_all()
 
 
 def output_size(jobs: list[TensorJob]) -> int:
@@ -621,7 +767,10 @@ def _job_inputs(plan: MergePlan, job: TensorJob) -> tuple[tuple[Source, str] | N
     return base, [(models[index], name) for index, name in job.reads]
 
 
-def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device,
+                  workspace: Workspace | None = None) -> torch.Tensor:
+    """One job's output tensor (CPU, its output dtype). With a ``workspace``, inputs are read
+    into its buffers and the result may be a view of them: write it before the next job."""
     if job.params is None and not job.remap_rows:  # copied: integer buffers, one-source slices
         source, name = (plan.reference, job.name) if job.reads is None else (plan.models[job.reads[0][0]],
                                                                              job.reads[0][1])
@@ -629,14 +778,18 @@ def _merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torc
     if job.remap_rows:
         with plan.vocab.lock:  # embeddings are remapped one at a time: at most one (V, H) output extra
             return _merge_tensor_rows(plan, job, device)
-    return _merge_tensor_rows(plan, job, device)
+    return _merge_tensor_rows(plan, job, device, workspace)
 
 
-def _merge_tensor_rows(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+def _merge_tensor_rows(plan: MergePlan, job: TensorJob, device: torch.device,
+                       workspace: Workspace | None = None) -> torch.Tensor:
     dtype = plan.compute_dtype
+    slots = iter(range(1 << 30))
 
     def load(reader: CheckpointReader, name: str = job.name) -> torch.Tensor:
-        return reader.get(name).to(device=device, dtype=dtype)
+        if workspace is None or job.remap_rows:
+            return reader.get(name).to(device=device, dtype=dtype)
+        return workspace.load(reader, name, next(slots), dtype, device)
 
     base_input, expert_inputs = _job_inputs(plan, job)
     base = load(base_input[0].reader, base_input[1]) if base_input else None

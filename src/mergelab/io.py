@@ -350,16 +350,27 @@ class CheckpointReader:
         return tensors
 
     # -- reading -------------------------------------------------------------------------
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a fresh CPU tensor in its stored dtype)."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into memory (a CPU tensor in its stored dtype).
+
+        ``out``: a flat CPU ``uint8`` buffer of at least the tensor's byte size to read into
+        (the result is a view of its first bytes), so that a caller merging tensor after tensor
+        reuses one buffer instead of faulting in fresh pages for each; None: a fresh tensor.
+        """
         try:
             info = self.tensors[name]
         except KeyError:
             raise MergelabError(f"model '{self.label}' has no tensor '{name}'") from None
         if info.offsets is None:
-            return self._load_bin(info.file)[name].clone()
+            tensor = self._load_bin(info.file)[name]
+            if out is None:
+                return tensor.clone()
+            view = out[:tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+            return view.copy_(tensor)
         begin, end = info.offsets
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if out is not None and (out.dtype != torch.uint8 or out.numel() < end - begin or out.device.type != "cpu"):
+            raise ValueError(f"out must be a CPU uint8 buffer of at least {end - begin} bytes for '{name}'")
+        buffer = torch.empty(end - begin, dtype=torch.uint8) if out is None else out[:end - begin]
         handle = self._handle(info.file)
         view = memoryview(buffer.numpy())
         done = 0
@@ -489,7 +500,10 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 shard_size: int = 5 * 1024**3):
+                 shard_size: int = 5 * 1024**3, attach: bool = False):
+        """``attach``: open shards another writer of the same entries created (in another
+        process, say, on a shared file system) and write tensors into them at the same
+        offsets; their headers are checked, not rewritten."""
         self.directory = Path(directory)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         used = 0
@@ -521,10 +535,18 @@ class ShardedWriter:
             for name, shape, dtype, nbytes in shard:
                 self.slots[name] = _Slot(index, position, nbytes, shape, dtype)
                 position += nbytes
-            fd = os.open(self.directory / self.files[index], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, position)
-            self._fds.append(fd)
+            head = struct.pack("<Q", len(raw)) + raw
+            if attach:
+                fd = os.open(self.directory / self.files[index], os.O_RDWR)
+                self._fds.append(fd)
+                if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size != position:
+                    self.close()
+                    raise RuntimeError(f"{self.directory / self.files[index]} was not laid out for these tensors")
+            else:
+                fd = os.open(self.directory / self.files[index], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, position)
             self.total_size += offset
         self._written: set[str] = set()
         self._lock = threading.Lock()
@@ -539,6 +561,11 @@ class ShardedWriter:
             done += os.pwrite(self._fds[slot.shard], data[done:], slot.begin + done)
         with self._lock:
             self._written.add(name)
+
+    def record(self, names: Iterable[str]) -> None:
+        """Count tensors as written that another writer attached to these shards wrote."""
+        with self._lock:
+            self._written.update(name for name in names if name in self.slots)
 
     def finish(self) -> list[str]:
         """Close the shards and write the index (when there is more than one shard)."""
