@@ -178,6 +178,23 @@ def test_sce_variance_in_blocks_equals_the_whole_tensor_formula(monkeypatch, dty
 RAM_EXPERTS = [tv(1, 0, 2, 1e-6), tv(0, 0, 4, 0), tv(0, -3, 0, 0)]
 
 
+@pytest.mark.parametrize("method,params", [("ram", {"epsilon": 1e-3}),
+                                           ("ramplus_tl", {"epsilon": 1e-3, "r": 0.5, "alpha": 0.2})])
+def test_ram_in_blocks_does_not_depend_on_the_block_size(monkeypatch, method, params):
+    # RAM works block by block (only the task vectors and the base are whole tensors); RAM+'s λ_i
+    # still counts over the whole tensor, so the result is the same for any block size.
+    import importlib
+
+    ram_module = importlib.import_module("mergelab.methods.ram")
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(37, 129, generator=generator)
+    experts = [base + torch.randn(37, 129, generator=generator).mul(0.01)
+               * (torch.rand(37, 129, generator=generator) < 0.3) for _ in range(3)]
+    whole = call(method, experts, base, **params)
+    monkeypatch.setattr(ram_module, "CHUNK", 1000)  # 4773 entries: 5 blocks, the last one short
+    assert torch.equal(call(method, experts, base, **params), whole)
+
+
 def test_ram_keeps_unique_entries_and_averages_shared_ones():
     # touched (|τ| > 1e-5) by: (first), (third), (first, second), none
     out = call("ram", RAM_EXPERTS, torch.zeros(4))

@@ -26,26 +26,41 @@ def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: floa
     return _reinforced(tensors, base, epsilon, r=r, alpha=alpha)
 
 
+CHUNK = 1 << 20  # entries per block: the per-entry counts, masks and shares live one block at a time
+
+
 def _reinforced(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float, r: float,
                 alpha: float) -> torch.Tensor:
-    deltas = [tensor.sub_(base) for tensor in tensors]  # τ_i, in the experts' own buffers
-    count = torch.zeros(base.shape, dtype=torch.int32, device=base.device)  # experts touching each entry
-    for delta in deltas:
-        count.add_(delta.abs() > epsilon)
-    unique = count == 1  # bool
-    inverse = count.clamp_(min=1).to(base.dtype).reciprocal_()  # 1/count: the mean over the experts that share
-    del count
-    merged = torch.zeros_like(base)
-    for index, delta in enumerate(deltas):
-        touched = delta.abs() > epsilon  # bool
-        scale = 1.0
-        if r:
-            alone = int((touched & unique).sum())
-            shared = int(touched.sum()) - alone
-            rho = shared / max(alone, epsilon)
-            scale = 1.0 + r * min(max(rho, 0.0), alpha)
-        # unique entries count once (times λ_i); shared ones are divided by how many share them
-        share = inverse.masked_fill(unique, scale)
-        merged.addcmul_(delta.mul_(touched), share)
-        deltas[index] = tensors[index] = delta = None  # release as we go
-    return merged.add_(base)
+    """Block by block over the flattened tensors, so that only the N task vectors and the base
+    are whole tensors (the result is written into the first task vector's buffer once each block
+    is done with it); the per-entry arithmetic is that of whole-tensor masks."""
+    deltas = [tensor.sub_(base).reshape(-1) for tensor in tensors]  # τ_i, in the experts' own buffers
+    flat_base = base.reshape(-1)
+    blocks = [slice(start, start + CHUNK) for start in range(0, flat_base.numel(), CHUNK)]
+    scales = [1.0] * len(deltas)
+    if r:  # λ_i from the counts of entries expert i touches alone and shares, over the whole tensor
+        alone, touched_total = [0] * len(deltas), [0] * len(deltas)
+        for block in blocks:
+            touched = [delta[block].abs() > epsilon for delta in deltas]
+            unique = torch.stack(touched).sum(0) == 1
+            for index, mask in enumerate(touched):
+                alone[index] += int((mask & unique).sum())
+                touched_total[index] += int(mask.sum())
+        for index in range(len(deltas)):
+            rho = (touched_total[index] - alone[index]) / max(alone[index], epsilon)
+            scales[index] = 1.0 + r * min(max(rho, 0.0), alpha)
+    for block in blocks:
+        touched = [delta[block].abs() > epsilon for delta in deltas]
+        count = torch.zeros(touched[0].shape, dtype=torch.int32, device=base.device)  # experts touching each entry
+        for mask in touched:
+            count.add_(mask)
+        unique = count == 1
+        inverse = count.clamp_(min=1).to(base.dtype).reciprocal_()  # 1/count: the mean over the experts that share
+        merged = torch.zeros_like(flat_base[block])
+        for delta, mask, scale in zip(deltas, touched, scales):
+            # unique entries count once (times λ_i); shared ones are divided by how many share them
+            merged.addcmul_(delta[block] * mask, inverse.masked_fill(unique, scale))
+        deltas[0][block] = merged.add_(flat_base[block])
+    result = deltas[0].reshape(base.shape)
+    tensors.clear()
+    return result
