@@ -42,6 +42,8 @@ from mergelab.errors import MergelabError
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
                    "spiece", "sentencepiece")
 
+NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 # Tensors whose rows are the vocabulary: input embeddings and output heads of the common families.
 _VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight",
                   "lm_head.weight", "embed_out.weight", "output.weight")
@@ -87,6 +89,96 @@ def is_vocab_tensor(name: str) -> bool:
     return name.endswith(_VOCAB_TENSORS)
 
 
+class ModelTokenizer:
+    """One directory's tokenizer, read for its vocabulary and grown by added tokens.
+
+    With a ``tokenizer.json`` it is read and written with the ``tokenizers`` library (fast, and
+    no ``transformers`` import on the merge path); otherwise (sentencepiece-only directories)
+    through ``transformers.AutoTokenizer``.
+    """
+
+    def __init__(self, directory: Path, label: str):
+        self.directory, self.label, self.added = Path(directory), label, []
+        file = self.directory / "tokenizer.json"
+        self.core = self.hf = None
+        if file.is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                self.core = Tokenizer.from_file(str(file))
+            except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+                raise MergelabError(f"{label}: {file} is not a valid tokenizer.json ({str(exc)[:160]}); fix or "
+                                    f"re-save that tokenizer") from None
+        else:
+            self.hf = load_tokenizer(self.directory, label)
+
+    def vocab(self) -> dict[str, int]:
+        return self.core.get_vocab(with_added_tokens=True) if self.core is not None else self.hf.get_vocab()
+
+    def specials(self) -> set[str]:
+        decoder = self.core.get_added_tokens_decoder() if self.core is not None else self.hf.added_tokens_decoder
+        return {added.content for added in decoder.values() if added.special}
+
+    def add(self, new: list[str], special: set[str]) -> None:
+        """Add ``new`` in order, each run of plain or special tokens in one call."""
+        from tokenizers import AddedToken
+
+        start = 0
+        while start < len(new):
+            kind = new[start] in special
+            end = start
+            while end < len(new) and (new[end] in special) == kind:
+                end += 1
+            batch = [AddedToken(t, special=kind, normalized=False) for t in new[start:end]]
+            if self.core is not None:
+                (self.core.add_special_tokens if kind else self.core.add_tokens)(batch)
+            else:
+                self.hf.add_tokens(batch, special_tokens=kind)
+            self.added += [(t, kind) for t in new[start:end]]
+            start = end
+
+    def save(self, target: Path) -> None:
+        """Write the tokenizer files into ``target``: the directory's own files, with the added
+        tokens in tokenizer.json, tokenizer_config.json's ``added_tokens_decoder`` (where it has
+        one) and special_tokens_map.json."""
+        for item in self.directory.iterdir():
+            if item.is_file() and (item.name.startswith(TOKENIZER_FILES) or item.name == "tokenizer_config.json"):
+                shutil.copy2(item, target / item.name)
+        if not self.added:
+            return
+        if self.core is None:
+            self.hf.save_pretrained(str(target))
+        else:
+            self.core.save(str(target / "tokenizer.json"))
+            config_path = target / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            if isinstance(config.get("added_tokens_decoder"), dict):
+                ids = self.vocab()
+                for token, special in self.added:
+                    config["added_tokens_decoder"][str(ids[token])] = {
+                        "content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                        "single_word": False, "special": special}
+                config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        self._write_special_tokens_map(target)
+
+    def _write_special_tokens_map(self, target: Path) -> None:
+        """special_tokens_map.json: the named special tokens (from the directory's map, else its
+        tokenizer_config.json) and every other special token as ``additional_special_tokens``."""
+        specials_path, config_path = target / "special_tokens_map.json", target / "tokenizer_config.json"
+        if specials_path.is_file():
+            specials = json.loads(specials_path.read_text())
+        else:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            specials = {key: config[key] for key in NAMED_SPECIALS if isinstance(config.get(key), (str, dict))}
+        named = {value if isinstance(value, str) else value.get("content") for key, value in specials.items()
+                 if key in NAMED_SPECIALS}
+        listed = list(specials.get("additional_special_tokens") or [])
+        ids = self.vocab()
+        listed += [t for t in sorted(self.specials(), key=ids.get) if t not in named and t not in listed]
+        specials["additional_special_tokens"] = listed
+        specials_path.write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_tokenizer(path: Path, label: str):
     """A model directory's tokenizer (transformers, local files only), or one line naming the fix."""
     from transformers import AutoTokenizer
@@ -103,12 +195,11 @@ def load_tokenizer(path: Path, label: str):
 class Vocabulary:
     """The output vocabulary and, per input model, where each output row comes from."""
 
-    tokenizer: Any  # the output tokenizer (transformers), saved into the merged directory
+    tokenizer: ModelTokenizer  # the output tokenizer, saved into the merged directory
     rows: int  # output embedding rows (tokens, then padding)
     row_maps: dict[str, torch.Tensor]  # model ref -> (rows,) int64: that model's row, or -1 where it has none
     forced: dict[int, str] = field(default_factory=dict)  # output row -> model ref whose row is copied
     new_tokens: list[str] = field(default_factory=list)  # tokens no model has: started as the mean row
-    copy_from: Path | None = None  # the tokenizer is this directory's, unchanged: copy its files
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def is_identity(self, refs: list[str], row_counts: dict[str, int]) -> bool:
@@ -131,32 +222,27 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
         pad_to_multiple_of: round the output rows up to a multiple of this; by default a base
             whose embedding is padded past its tokens has its padding multiple reproduced.
     """
-    tokenizers = {ref: load_tokenizer(path, f"model '{ref}'") for ref, path in models.items()}
-    vocabs = {ref: tok.get_vocab() for ref, tok in tokenizers.items()}
+    tokenizers = {ref: ModelTokenizer(path, f"model '{ref}'") for ref, path in models.items()}
+    vocabs = {ref: tok.vocab() for ref, tok in tokenizers.items()}
     for ref, vocab in vocabs.items():
         top = max(vocab.values(), default=-1)
         if top >= row_counts[ref]:
             token = max(vocab, key=vocab.get)
             raise MergelabError(f"model '{ref}': its tokenizer has token {token!r} at id {top} but its embedding has "
                                 f"only {row_counts[ref]} rows; the tokenizer does not belong to these weights")
-    copy_from = None
-    if mode == "base":
-        output, copy_from = load_tokenizer(models[base_ref], f"model '{base_ref}'"), models[base_ref]
-    elif mode == "union":
-        output, copy_from = load_tokenizer(models[base_ref], f"model '{base_ref}'"), models[base_ref]
-        have = set(output.get_vocab())
-        for ref, tok in tokenizers.items():
-            special = {added.content for added in tok.added_tokens_decoder.values() if added.special}
-            missing = [t for t, _ in sorted(vocabs[ref].items(), key=lambda item: item[1]) if t not in have]
-            if missing:
-                _add_tokens(output, missing, special)
-                have.update(missing)
-                copy_from = None
+    if mode in ("base", "union"):
+        output = ModelTokenizer(models[base_ref], f"model '{base_ref}'")
     else:
-        where = locate(mode) if locate else Path(mode)
-        output, copy_from = load_tokenizer(where, f"tokenizer_source '{mode}'"), where
+        output = ModelTokenizer(locate(mode) if locate else Path(mode), f"tokenizer_source '{mode}'")
+    if mode == "union":
+        have = set(output.vocab())
+        for ref, tok in tokenizers.items():
+            missing = sorted((t for t in vocabs[ref] if t not in have), key=vocabs[ref].get)
+            output.add(missing, tok.specials())
+            have.update(missing)
 
     forced: dict[str, str] = {}
+    out_vocab = output.vocab()
     for token, setting in (tokens or {}).items():
         source = getattr(setting, "source", None)
         if source is not None:
@@ -168,14 +254,11 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
                                     f"choose a model whose tokenizer has it")
             if getattr(setting, "force", False) or token not in vocabs[base_ref]:
                 forced[token] = source
-        if token not in output.get_vocab():
+        if token not in out_vocab:
             owner = source or next((ref for ref in vocabs if token in vocabs[ref]), None)
-            special = {a.content for a in tokenizers[owner].added_tokens_decoder.values() if a.special} \
-                if owner else {token}
-            _add_tokens(output, [token], special)
-            copy_from = None
+            output.add([token], tokenizers[owner].specials() if owner else {token})
+            out_vocab = output.vocab()
 
-    out_vocab = output.get_vocab()
     token_rows = max(out_vocab.values(), default=-1) + 1
     rows = token_rows
     if mode == "base":
@@ -188,33 +271,14 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
     row_maps = {}
     for ref, vocab in vocabs.items():
         ids = set(vocab.values())
-        mapping = torch.full((rows,), -1, dtype=torch.int64)
-        for row in range(rows):
-            token = by_row.get(row)
-            if token is not None:
-                mapping[row] = vocab.get(token, -1)
-            elif row < row_counts[ref] and row not in ids:  # padding here and there: the same padding row
-                mapping[row] = row
-        row_maps[ref] = mapping
-    present = torch.stack([m >= 0 for m in row_maps.values()]).any(0)
-    new_tokens = [by_row[row] for row in range(token_rows) if row in by_row and not bool(present[row])]
+        # a token's row in this model, else for a padding row the same padding row of this model, else -1
+        mapping = [vocab.get(by_row[row], -1) if row in by_row else
+                   (row if row < row_counts[ref] and row not in ids else -1) for row in range(rows)]
+        row_maps[ref] = torch.tensor(mapping, dtype=torch.int64)
+    present = torch.stack([m >= 0 for m in row_maps.values()]).any(0).tolist()
+    new_tokens = [by_row[row] for row in range(token_rows) if row in by_row and not present[row]]
     forced_rows = {out_vocab[token]: ref for token, ref in forced.items()}
-    return Vocabulary(output, rows, row_maps, forced_rows, new_tokens, copy_from)
-
-
-def _add_tokens(tokenizer, new: list[str], special: set[str]) -> None:
-    """Add ``new`` in order, each run of plain or special tokens in one call."""
-    from tokenizers import AddedToken
-
-    start = 0
-    while start < len(new):
-        kind = new[start] in special
-        end = start
-        while end < len(new) and (new[end] in special) == kind:
-            end += 1
-        tokenizer.add_tokens([AddedToken(t, special=kind, normalized=False) for t in new[start:end]],
-                             special_tokens=kind)
-        start = end
+    return Vocabulary(output, rows, row_maps, forced_rows, new_tokens)
 
 
 def _padding_multiple(rows: int, vocab: dict[str, int]) -> int | None:
@@ -232,8 +296,8 @@ def mismatch_message(models: dict[str, Path], reference: str, other: str, name: 
     """Why two models' vocabulary tensors differ, naming the differing tokens, for a merge that
     set no tokenizer_source."""
     try:
-        vocab_a = load_tokenizer(models[reference], reference).get_vocab()
-        vocab_b = load_tokenizer(models[other], other).get_vocab()
+        vocab_a = ModelTokenizer(models[reference], f"model '{reference}'").vocab()
+        vocab_b = ModelTokenizer(models[other], f"model '{other}'").vocab()
     except MergelabError:
         vocab_a = vocab_b = None
     if vocab_a is None:
@@ -306,13 +370,27 @@ def merge_rows(vocab: Vocabulary, method, params: dict[str, Any], extra: dict[st
         with_base = bool(group & 1) and base is not None
         if not subset and not with_base:
             continue  # no model has these tokens: the mean row, below
-        picked = [experts[i][1].index_select(0, maps[i][rows]) for i in subset]
-        base_rows = base[1].index_select(0, base_map[rows]) if with_base else None
-        out[rows] = _merge_group(method, params, extra, subset, len(experts), weights, picked, base_rows, base)
+        picked = [_take(experts[i][1], maps[i][rows]) for i in subset]
+        base_rows = _take(base[1], base_map[rows]) if with_base else None
+        merged = _merge_group(method, params, extra, subset, len(experts), weights, picked, base_rows, base)
+        if _consecutive(rows):
+            out.narrow(0, int(rows[0]), len(rows)).copy_(merged)
+        else:
+            out[rows] = merged
         done[rows] = True
     if not bool(done.all()):
         out[~done] = out[done].mean(0) if bool(done.any()) else 0
     return out
+
+
+def _consecutive(index: torch.Tensor) -> bool:
+    return len(index) > 0 and int(index[-1]) - int(index[0]) == len(index) - 1 and bool((index.diff() == 1).all())
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s rows at ``index``: a view where they are consecutive (the shared vocabulary,
+    usually), so the common case copies nothing."""
+    return tensor.narrow(0, int(index[0]), len(index)) if _consecutive(index) else tensor.index_select(0, index)
 
 
 def _weights(method, params: dict[str, Any], count: int) -> list[float]:
@@ -356,20 +434,9 @@ def _subset_params(method, params: dict[str, Any], subset: list[int], weights: l
 def save_tokenizer(vocab: Vocabulary, target: Path) -> None:
     """Write the output tokenizer into ``target`` (replacing any copied tokenizer files)."""
     for item in target.iterdir():
-        if item.is_file() and item.name.startswith(TOKENIZER_FILES) or item.name == "tokenizer_config.json":
+        if item.is_file() and (item.name.startswith(TOKENIZER_FILES) or item.name == "tokenizer_config.json"):
             item.unlink()
-    if vocab.copy_from is not None:
-        for item in Path(vocab.copy_from).iterdir():
-            if item.is_file() and (item.name.startswith(TOKENIZER_FILES) or item.name == "tokenizer_config.json"):
-                shutil.copy2(item, target / item.name)
-        return
-    vocab.tokenizer.save_pretrained(str(target))
-    specials = dict(vocab.tokenizer.special_tokens_map)
-    added = [a.content for a in vocab.tokenizer.added_tokens_decoder.values()
-             if a.special and a.content not in specials.values()]
-    if added:
-        specials["additional_special_tokens"] = added
-    (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    vocab.tokenizer.save(target)
 
 
 def read_chat_template(directory: Path) -> str | None:
