@@ -216,13 +216,23 @@ def apply_lora(weight: torch.Tensor, adapter: LoraAdapter, module: LoraModule) -
     """W + ΔW (or DoRA's m·(W + ΔW)/‖W + ΔW‖ per output row), computed in float32 and returned
     in W's dtype, as PEFT's ``merge_and_unload`` does."""
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    merged = weight.to(compute) + adapter.delta(module, compute)
+    return add_lora_(weight.to(compute, copy=True), adapter, module).to(weight.dtype)
+
+
+def add_lora_(merged: torch.Tensor, adapter: LoraAdapter, module: LoraModule) -> torch.Tensor:
+    """``apply_lora`` in place on a float32/float64 copy of W: one fused W + scale·B·A (addmm)."""
+    rows = merged if module.kind == "linear" else merged.T  # (out, in)
+    a = adapter.reader.get(module.a_key).to(merged.dtype)  # (r, in)
+    b = adapter.reader.get(module.b_key).to(merged.dtype)  # (out, r)
+    if module.kind == "embedding":  # ΔW = s·(B·A)ᵀ on a (vocab, dim) weight: rows = W (vocab, dim)
+        merged.addmm_(a.T, b.T, alpha=module.scale)
+    else:
+        rows.addmm_(b, a, alpha=module.scale)
     if module.magnitude_key is not None:
-        rows = merged if module.kind == "linear" else merged.T  # (out, in)
-        magnitude = adapter.reader.get(module.magnitude_key).to(compute)  # (out,)
+        magnitude = adapter.reader.get(module.magnitude_key).to(merged.dtype)  # (out,)
         factor = magnitude / torch.linalg.norm(rows, dim=1)
         rows.mul_(factor.unsqueeze(1))
-    return merged.to(weight.dtype)
+    return merged
 
 
 def _pattern_value(patterns: dict, name: str, default):

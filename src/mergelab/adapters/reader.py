@@ -9,12 +9,14 @@ the merged model is never built.
 
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from mergelab.adapters.peft_dir import LoraAdapter, apply_lora, is_adapter_dir, read_adapter_config
+from mergelab.adapters.peft_dir import LoraAdapter, add_lora_, is_adapter_dir, read_adapter_config
 from mergelab.errors import MergelabError
 from mergelab.io import CheckpointReader, TensorInfo, resolve_model
 
@@ -54,17 +56,27 @@ class AdapterReader:
             self.tensors[name] = TensorInfo(name, self.base.tensors[name].shape, self.adapter.reader.tensors[key].dtype,
                                             self.adapter.file, self.adapter.reader.tensors[key].offsets)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor of the merged model (a fresh CPU tensor)."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor of the merged model (a CPU tensor in its stored dtype); ``out``: a
+        flat ``uint8`` buffer to write it into, as ``CheckpointReader.get`` takes."""
         key = self.adapter.replaced.get(name)
-        if key is not None:
-            weight = self.adapter.reader.get(key)
-        elif name in self.tensors:
-            weight = self.base.get(name)
-        else:
+        reader, key = (self.adapter.reader, key) if key is not None else (self.base, name)
+        if name not in self.tensors:
             raise MergelabError(f"model '{self.label}' has no tensor '{name}'")
         module = self.modules.get(name)
-        return weight if module is None else apply_lora(weight, self.adapter, module)
+        if module is None:
+            return reader.get(key, out=out)
+        # W is read into, and W + scale·B·A computed in, this thread's reused buffers: fresh
+        # multi-hundred-MB tensors cost a page fault per 4 KB page, more than the arithmetic.
+        info = reader.tensors[key]
+        numel = math.prod(info.shape)
+        compute = torch.float64 if info.dtype == torch.float64 else torch.float32
+        weight = reader.get(key, out=_buffer("raw", numel * info.dtype.itemsize))
+        work = _buffer("work", numel * compute.itemsize).view(compute).view(info.shape)
+        add_lora_(work.copy_(weight), self.adapter, module)
+        if out is None:
+            return work.to(info.dtype, copy=True)
+        return out[:numel * info.dtype.itemsize].view(info.dtype).view(info.shape).copy_(work)
 
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
@@ -79,6 +91,17 @@ class AdapterReader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+_LOCAL = threading.local()  # per thread: buffers every AdapterReader reuses (dead once get returns)
+
+
+def _buffer(kind: str, nbytes: int) -> torch.Tensor:
+    buffer = getattr(_LOCAL, kind, None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_LOCAL, kind, buffer)
+    return buffer[:nbytes]
 
 
 def adapter_input(ref: str, locate: Callable[[str], Path] = resolve_model) -> tuple[Path, Path] | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mergelab.adapters.training import adapter_anchor, adapter_entries
 from mergelab.continual.state import StateDict, copy_state, load_state, match_state, unique_tensors
 from mergelab.errors import MergelabError
 
@@ -75,7 +76,9 @@ class SFA:
             default: where the anchor tensors are.
 
     The only extra memory is one copy of the floating-point state. Parameters in float16 or
-    bfloat16 are averaged in float32 and cast back once.
+    bfloat16 are averaged in float32 and cast back once. On a PEFT ``PeftModel`` only the
+    adapter's trainable weights are averaged (and copied): the frozen base is left alone, and
+    the anchor may also be a saved adapter directory (``mergelab.adapters.training``).
 
     Example:
         >>> sfa = SFA(previous_model.state_dict(), total_steps=1000, p=0.25, beta=0.5)  # doctest: +SKIP
@@ -90,10 +93,11 @@ class SFA:
         self.p, self.beta = check_p(p), check_beta(beta)
         self.total_steps = check_total_steps(total_steps)
         self.interval = averaging_interval(self.p, self.total_steps)
-        self.anchor = copy_state(load_state(anchor), anchor_device)
+        adapter = adapter_anchor(anchor, model)  # a PEFT model: its adapter weights only
+        self.anchor = copy_state(load_state(anchor) if adapter is None else adapter, anchor_device)
         self.averaged_at: list[int] = []
         if model is not None:
-            match_state(model, self.anchor)
+            self._pairs(model)
 
     def should_average(self, step: int) -> bool:
         """Whether the rule fires after optimizer step ``step`` (counted from 1)."""
@@ -118,12 +122,16 @@ class SFA:
     def average(self, model: torch.nn.Module) -> None:
         """θ ← (1 − β)·θ + β·θ_o now, for every floating-point tensor of ``model``."""
         keep, pull = 1.0 - self.beta, self.beta
-        for _, tensor, anchor in match_state(model, self.anchor):
+        for _, tensor, anchor in self._pairs(model):
             if tensor.dtype in (torch.float16, torch.bfloat16):
                 mixed = tensor.float().mul_(keep).add_(anchor.to(tensor.device, torch.float32) * pull)
                 tensor.copy_(mixed)
             else:
                 tensor.mul_(keep).add_(anchor.to(tensor.device, tensor.dtype) * pull)
+
+    def _pairs(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, live tensor, anchor tensor) to average: the whole state, or a PEFT model's adapter."""
+        return match_state(model, self.anchor, entries=adapter_entries(model))
 
     def anchor_bytes(self) -> int:
         """Memory held by the anchor copy."""

@@ -63,13 +63,16 @@ def tensor_groups(model: torch.nn.Module, floats_only: bool = True) -> list[tupl
 
 
 def match_state(model: torch.nn.Module, state: StateDict, what: str = "the SFA anchor",
-                floats_only: bool = True) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+                floats_only: bool = True, entries: StateDict | None = None
+                ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Pair each (deduplicated) tensor of ``model`` with the tensor of the same name in ``state``.
 
     A tied tensor may appear in ``state`` under any one of its names. Raises MergelabError when
-    ``state`` lacks a tensor, has one the model does not, or a shape differs.
+    ``state`` lacks a tensor, has one the model does not, or a shape differs. ``entries``: the
+    model's live tensors to pair (default: its whole state dict; SFA on a PEFT model passes
+    the adapter's).
     """
-    entries = unwrap(model).state_dict(keep_vars=True)
+    entries = unwrap(model).state_dict(keep_vars=True) if entries is None else entries
     extra = sorted(name for name in state if name not in entries)
     if extra:
         hint = " (strip the 'module.' prefix of a DDP state dict)" if extra[0].startswith("module.") else ""
