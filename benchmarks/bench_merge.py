@@ -1,5 +1,6 @@
-"""Time `mergelab merge` (linear, TIES) on the 748M Llama-shape models, against the I/O floor
-and optionally mergekit; print a markdown table and write benchmarks/results/merge_748m.json.
+"""Time `mergelab merge` (linear, TIES) on the 748M Llama-shape models, against the I/O floor,
+at one and two threads, within a memory budget, as Ray tasks, and optionally mergekit; print
+markdown tables (every case, and the issue's targets) and write benchmarks/results/merge_748m.json.
 
 Each case runs in its own process under /usr/bin/time -v, so the peak RSS is that process'
 own. Other work on the machine is measured, not assumed away: before each run the script
@@ -8,13 +9,20 @@ processes used during the run; a run is "quiet" when that is under 10% of the ma
 case runs until --repeats runs were quiet (at most --max-runs); the minimum wall time counts.
 Inputs are read once beforehand so that they are in the page cache.
 
+"t1" cases run one worker thread on one torch thread (OMP_NUM_THREADS=1), the floor too;
+"t2" cases run `--threads 2` (torch's threads shared between the two workers); the
+"torch2" case is one worker thread on torch's default threads (both cores). The Ray cases
+start a local Ray instance inside `mergelab merge` (one task per CPU, twice over) and their
+output is compared byte for byte with the local t2 output.
+
     python benchmarks/make_llama_748m.py
-    python benchmarks/bench_merge.py [--repeats 2] [--mergekit-venv /work/mk-venv] [--env KEY=VALUE]
+    python benchmarks/bench_merge.py [--repeats 2] [--only ties] [--device cuda] [--mergekit-venv /work/mk-venv]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -31,8 +39,10 @@ from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 MODELS = ["expert1", "expert2", "expert3", "expert4"]
-TARGETS = {"mergelab linear": (16.0, 2.5), "mergelab ties": (46.0, 2.5)}  # (wall s, peak RSS GB)
+TARGETS = {"mergelab linear t1": (16.0, 2.5), "mergelab ties t1": (46.0, 2.5)}  # (wall s, peak RSS GB)
+RSS_TARGET_GB = 2.5
 DENSITY = 0.2
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def write_configs(data: Path, out: Path) -> dict[str, Path]:
@@ -49,24 +59,40 @@ def write_configs(data: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
-def cases(args, configs: dict[str, Path], out: Path) -> dict[str, tuple[list[str], Path]]:
-    """(command line, output directory) keyed by case name."""
+def cases(args, configs: dict[str, Path], out: Path) -> dict[str, tuple[list[str], Path, dict[str, str]]]:
+    """(command line, output directory, environment) keyed by case name."""
     models = [str(args.data / m) for m in MODELS]
     mergelab = [str(Path(sys.executable).parent / "mergelab"), "merge"]
-    flags = ["--threads", str(args.threads), "--quiet", "--force"]
-    runs = {
-        "floor (read+f32+sum+write)": ([sys.executable, str(HERE / "floor.py"), str(out / "floor")] + models,
-                                       out / "floor"),
-        "mergelab linear": (mergelab + [str(configs["linear"]), str(out / "ml-linear")] + flags, out / "ml-linear"),
-        "mergelab ties": (mergelab + [str(configs["ties"]), str(out / "ml-ties")] + flags, out / "ml-ties"),
-    }
+    common = ["--quiet", "--force", "--no-model-card"] + (["--device", args.device] if args.device != "cpu" else [])
+
+    def merge(method: str, tag: str, *flags: str) -> tuple[list[str], Path]:
+        return mergelab + [str(configs[method]), str(out / f"ml-{method}-{tag}")] + common + list(flags), \
+            out / f"ml-{method}-{tag}"
+
+    runs = {"floor (read+f32+sum+write) t1": ([sys.executable, str(HERE / "floor.py"), str(out / "floor")] + models,
+                                              out / "floor", {**ONE_THREAD, "THP_MEM_ALLOC_ENABLE": "1"})}
+    for method in ("linear", "ties"):
+        runs[f"mergelab {method} t1"] = (*merge(method, "t1", "--threads", "1"), ONE_THREAD)
+        if method == "ties":  # one worker on torch's default threads: what --threads 1 used to mean
+            runs["mergelab ties t1 torch2"] = (*merge(method, "t1-torch2", "--threads", "1"), {})
+        runs[f"mergelab {method} t2"] = (*merge(method, "t2", "--threads", "2"), {})
+        runs[f"mergelab {method} t2 1.5GB"] = (*merge(method, "t2-1.5GB", "--threads", "2", "--max-memory", "1.5GB"),
+                                              {})
+        if not args.no_ray and args.device == "cpu":
+            runs[f"mergelab {method} ray"] = (*merge(method, "ray", "--executor", "ray"), {})
     if args.mergekit_venv:
         mergekit = [str(args.mergekit_venv / "bin" / "mergekit-yaml")]
         flags = ["--lazy-unpickle", "--quiet", "--no-write-model-card", "--no-copy-tokenizer"]
         for method in ("linear", "ties"):
             runs[f"mergekit {method}"] = (mergekit + [str(configs[method]), str(out / f"mk-{method}")] + flags,
-                                          out / f"mk-{method}")
+                                          out / f"mk-{method}", {})
     return {k: v for k, v in runs.items() if not args.only or any(o in k for o in args.only)}
+
+
+def digest(out_dir: Path) -> dict[str, str]:
+    """sha256 of every output shard and the index: to compare two outputs byte for byte."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(out_dir.iterdir()) if path.suffix in (".safetensors", ".json")}
 
 
 def busy_seconds() -> float:
@@ -135,7 +161,7 @@ def reference(data: Path, method: str, name: str) -> tuple[torch.Tensor, torch.T
 
 def check_output(data: Path, out_dir: Path, case: str, name: str = "model.layers.0.self_attn.k_proj.weight") -> dict:
     """Compare one merged tensor with the plain-torch reference, allowing one bf16 rounding step."""
-    method = "floor" if case.startswith("floor") else case.split()[-1]
+    method = "floor" if case.startswith("floor") else case.split()[1]
     got = output_tensor(out_dir, name).float()
     expected, tied = reference(data, method, name)
     expected = expected.to(torch.bfloat16).float()
@@ -145,23 +171,25 @@ def check_output(data: Path, out_dir: Path, case: str, name: str = "model.layers
             "ok": not bool((differ & ~tied).any())}
 
 
-def run_case(args, case: str, command: list[str], out_dir: Path) -> dict:
+def run_case(args, case: str, command: list[str], out_dir: Path, env: dict[str, str]) -> dict:
     """Run until --repeats runs were quiet (others used < 10% of the CPUs meanwhile), at most --max-runs."""
-    runs, check = [], None
+    runs, check, digests = [], None, None
+    env = {**env, **args.env}
     while sum(r["quiet"] for r in runs) < args.repeats and len(runs) < max(args.repeats, args.max_runs):
         shutil.rmtree(out_dir, ignore_errors=True)
         os.sync()  # no writeback of the previous output during this run
-        run = timed(command, args.max_wait, args.env)
+        run = timed(command, args.max_wait, env)
         runs.append(dict(run, quiet=run["others_cpu_s"] <= 0.1 * run["wall_s"] * os.cpu_count()))
         print(f"  {case}: {runs[-1]}", flush=True)
         if check is None:
             check = check_output(args.data, out_dir, case)
+            digests = digest(out_dir) if case.startswith("mergelab") else None
             print(f"  check: {check}", flush=True)
         if not args.keep:
             shutil.rmtree(out_dir, ignore_errors=True)
     best = min(runs, key=lambda r: r["wall_s"])
-    result = {"command": command, "env": args.env, "commit": git_head(), "runs": runs, "wall_s": best["wall_s"],
-              "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "check": check}
+    result = {"command": command, "env": env, "commit": git_head(), "runs": runs, "wall_s": best["wall_s"],
+              "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "check": check, "digest": digests}
     if case in TARGETS:
         wall, rss = TARGETS[case]
         result.update(target_wall_s=wall, target_rss_gb=rss,
@@ -183,6 +211,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def targets_table(results: dict) -> str:
+    """The issue's targets, each from the measured cases (missing cases: not measured)."""
+    def wall(case):
+        return results.get(case, {}).get("wall_s")
+
+    def ratio(a, b):
+        return wall(a) / wall(b) if wall(a) and wall(b) else None
+
+    rows = []
+    for label, value, limit in [
+        ("linear t2 / t1", ratio("mergelab linear t2", "mergelab linear t1"), 0.65),
+        ("ties t2 / t1", ratio("mergelab ties t2", "mergelab ties t1"), 0.7),
+        ("ties t1 / floor t1", ratio("mergelab ties t1", "floor (read+f32+sum+write) t1"), 2.0),
+        ("linear t1 / floor t1", ratio("mergelab linear t1", "floor (read+f32+sum+write) t1"), None),
+        ("ties t1 (torch 2 threads) / ties t1", ratio("mergelab ties t1 torch2", "mergelab ties t1"), None),
+        ("linear ray / linear t2", ratio("mergelab linear ray", "mergelab linear t2"), None),
+        ("ties ray / ties t2", ratio("mergelab ties ray", "mergelab ties t2"), None),
+    ]:
+        if value is not None:
+            met = "" if limit is None else ("yes" if value <= limit else "**no**")
+            rows.append(f"| {label} | {value:.2f} | {'' if limit is None else f'<= {limit:g}'} | {met} |")
+    for case, r in results.items():
+        if case.startswith("mergelab"):
+            met = "yes" if r["peak_rss_gb"] <= RSS_TARGET_GB else "**no**"
+            rows.append(f"| {case}: peak RSS GB | {r['peak_rss_gb']:.2f} | <= {RSS_TARGET_GB:g} | {met} |")
+    for method in ("linear", "ties"):
+        ray, local = results.get(f"mergelab {method} ray"), results.get(f"mergelab {method} t2")
+        if ray and local and ray.get("digest") and local.get("digest"):
+            same = "yes" if ray["digest"] == local["digest"] else "**no**"
+            overhead = ray["wall_s"] - local["wall_s"]
+            rows.append(f"| {method} ray: byte-identical to local t2 (overhead {overhead:+.1f} s) | | identical | "
+                        f"{same} |")
+    return "\n".join(["| target | measured | wanted | met |", "|---|---:|---|---|"] + rows)
+
+
 def output_of(command: list[str]) -> str:
     return subprocess.run(command, capture_output=True, text=True).stdout.rstrip()
 
@@ -198,7 +261,7 @@ def run_meta(args) -> dict:
     """Date, commit, machine, versions."""
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_head(),
             "cpus": os.cpu_count(), "machine": platform.platform(), "torch": torch.__version__,
-            "mergelab_threads": args.threads, "repeats": args.repeats}
+            "device": getattr(args, "device", "cpu"), "repeats": args.repeats, "load1_at_start": os.getloadavg()[0]}
     if args.mergekit_venv:
         meta["mergekit"] = output_of([str(args.mergekit_venv / "bin" / "python"), "-c",
                                 "import importlib.metadata as m; print(m.version('mergekit'))"])
@@ -212,7 +275,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results" / "merge_748m.json")
     parser.add_argument("--repeats", type=int, default=2, help="quiet runs wanted per case")
     parser.add_argument("--max-runs", type=int, default=5, help="most runs per case while waiting for quiet ones")
-    parser.add_argument("--threads", type=int, default=1, help="mergelab merge --threads")
+    parser.add_argument("--device", default="cpu", help="mergelab merge --device (cuda: the GPU path)")
+    parser.add_argument("--no-ray", action="store_true", help="skip the --executor ray cases")
     parser.add_argument("--mergekit-venv", type=Path, help="venv with mergekit installed (mergekit-yaml)")
     parser.add_argument("--only", nargs="*", help="run only the cases whose name contains one of these")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
@@ -231,10 +295,12 @@ def main() -> None:
     if args.only and args.results.is_file():  # a partial run updates the stored results
         stored = json.loads(args.results.read_text())
     results = stored["results"]
-    for case, (command, out_dir) in cases(args, configs, args.out).items():
+    for case, (command, out_dir, env) in cases(args, configs, args.out).items():
         print(f"{case}: {' '.join(command)}", flush=True)
-        results[case] = run_case(args, case, command, out_dir)
+        results[case] = run_case(args, case, command, out_dir, env)
     print(table(results))
+    print()
+    print(targets_table(results))
     meta = {**stored["meta"], **run_meta(args)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -627,6 +627,8 @@ def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, prog
     options = plan.options
     device = torch.device(options.device)
     threads = min(threads or merge_threads(options), max(1, len(jobs)))
+    if device.type == "cpu":
+        _return_freed_memory()
     budget = MemoryBudget(parse_size(options.max_memory) - _resident_bytes(), threads)
     local = threading.local()
     written: list[str] = []
@@ -646,14 +648,32 @@ def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, prog
         return written
     # Each worker thread gets an equal share of torch's intra-op threads, so that workers and
     # their OpenMP teams together never oversubscribe the cores.
-    with torch_threads(max(1, torch.get_num_threads() // threads)), ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(run, job) for job in jobs]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in pending:
-            future.cancel()
-        for future in done:
-            future.result()
+    pool = ThreadPoolExecutor(threads)
+    try:
+        with torch_threads(max(1, torch.get_num_threads() // threads)):
+            futures = [pool.submit(run, job) for job in jobs]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
+    finally:  # on a failure, Ctrl-C or SIGTERM: drop the queued jobs, let the running ones end
+        pool.shutdown(wait=True, cancel_futures=True)
     return written
+
+
+_MMAP_THRESHOLD = 4 << 20
+
+
+def _return_freed_memory() -> None:
+    """Have glibc serve every allocation of 4 MiB or more with its own mmap, so that a freed
+    buffer goes back to the system at once. glibc's default threshold adapts up to 32 MiB, and
+    tensors below it are freed into per-thread heaps that keep them: with two workers that was
+    ~0.3 GB of resident memory no tensor used (748M benchmark). A no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _resident_bytes() -> int:
