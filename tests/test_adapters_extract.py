@@ -86,7 +86,8 @@ def test_energy_picks_the_fewest_singular_values(finetunes, tmp_path):
     report = extract_lora(ft, base, tmp_path / "adapter", energy=0.9)
     base_state, ft_state = states(base), states(ft)
     for module in report["modules"]:
-        sigma = torch.linalg.svdvals((ft_state[module["name"] + ".weight"] - base_state[module["name"] + ".weight"]).double())
+        name = module["name"] + ".weight"
+        sigma = torch.linalg.svdvals((ft_state[name] - base_state[name]).double())
         shares = torch.cumsum(sigma.square(), 0) / sigma.square().sum()
         assert shares[module["rank"] - 1] >= 0.9 - 1e-9
         assert module["rank"] == 1 or shares[module["rank"] - 2] < 0.9
@@ -107,7 +108,8 @@ def test_randomized_svd_for_large_matrices(finetunes, tmp_path, monkeypatch):
     assert all(m["randomized"] for m in report["modules"] if min(m["shape"]) > 2 * (2 + 16))
     base_state, ft_state = states(finetunes["llama"]), states(finetunes["llama_ft"])
     for module in report["modules"]:
-        sigma = torch.linalg.svdvals((ft_state[module["name"] + ".weight"] - base_state[module["name"] + ".weight"]).double())
+        name = module["name"] + ".weight"
+        sigma = torch.linalg.svdvals((ft_state[name] - base_state[name]).double())
         tail = math.sqrt(float(sigma[2:].square().sum() / sigma.square().sum()))
         assert tail - 1e-6 <= module["relative_error"] <= tail * 1.01 + 1e-6
 

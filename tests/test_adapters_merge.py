@@ -45,7 +45,8 @@ def products(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("combination, kwargs", [
-    ("linear", {}), ("cat", {}), ("ties", {"density": 0.5}), ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
+    ("linear", {}), ("cat", {}), ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
     ("magnitude_prune", {"density": 0.4}), ("dare_linear", {"density": 1.0}), ("dare_ties", {"density": 1.0}),
 ])
 def test_factor_combinations_equal_peft(lora_world, tmp_path, combination, kwargs):

@@ -276,7 +276,8 @@ def merge_adapters_config(config, out_dir: str | Path, options) -> Path:
                                 f"adapter merge; the per-model parameter is: weight")
         weight = entry.parameters.get("weight", config.parameters.get("weight", 1.0))
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise MergelabError(f"weight of model '{entry.model}' must be a number for an adapter merge, got {weight!r}")
+            raise MergelabError(f"weight of model '{entry.model}' must be a number for an adapter merge, "
+                                f"got {weight!r}")
         adapters.append(found[1])
         weights.append(float(weight))
         bases.add(found[0].resolve())

@@ -97,7 +97,8 @@ def adapter_anchor(anchor, model) -> dict[str, torch.Tensor] | None:
     for name, saved in names.items():
         value = anchor.get(name, anchor.get(saved))
         if value is None:
-            raise MergelabError(f"the SFA anchor lacks adapter tensor '{saved}' of the model ({sum(1 for n, s in names.items() if n not in anchor and s not in anchor)} "
-                                f"such tensors); it must be a state of this same adapter")
+            missing = sum(1 for n, s in names.items() if n not in anchor and s not in anchor)
+            raise MergelabError(f"the SFA anchor lacks adapter tensor '{saved}' of the model ({missing} such "
+                                f"tensors); it must be a state of this same adapter")
         result[name] = value
     return result
