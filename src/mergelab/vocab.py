@@ -346,7 +346,9 @@ def merge_rows(vocab: Vocabulary, method, params: dict[str, Any], extra: dict[st
     parameters for this tensor (per-model lists aligned with ``experts``).
     """
     reference = (base or experts[0])[1]
-    out = torch.empty((vocab.rows, *reference.shape[1:]), dtype=reference.dtype, device=reference.device)
+    out = _reusable(vocab, experts + ([base] if base else []))
+    if out is None:
+        out = torch.empty((vocab.rows, *reference.shape[1:]), dtype=reference.dtype, device=reference.device)
     device = reference.device
     done = torch.zeros(vocab.rows, dtype=torch.bool, device=device)
     maps = [vocab.row_maps[ref].to(device) for ref, _ in experts]
@@ -381,6 +383,18 @@ def merge_rows(vocab: Vocabulary, method, params: dict[str, Any], extra: dict[st
     if not bool(done.all()):
         out[~done] = out[done].mean(0) if bool(done.any()) else 0
     return out
+
+
+def _reusable(vocab: Vocabulary, inputs: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+    """An input tensor that can hold the output in place: as many rows as the output and each
+    of its rows either at the same output row or unused. Every output row then reads it at
+    most at that row, so writing a merged row over it never overwrites a row still to be read
+    (the inputs are the engine's own fresh copies, as every method may assume)."""
+    for ref, tensor in inputs:
+        mapping = vocab.row_maps[ref]
+        if tensor.shape[0] == vocab.rows and bool(((mapping == torch.arange(vocab.rows)) | (mapping < 0)).all()):
+            return tensor
+    return None
 
 
 def _consecutive(index: torch.Tensor) -> bool:
