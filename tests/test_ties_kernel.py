@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab.methods import METHODS
+from mergelab.methods import METHODS, fused
 from mergelab.methods.sparsify import dare_mask, magnitude_trim_
 
 
@@ -63,9 +63,21 @@ def random_case(seed: int, ties: bool):
     return experts, base
 
 
+@pytest.fixture(params=["torch", "compiled"])
+def kernel(request, monkeypatch):
+    """Each test runs on the torch kernel and, where numba is installed, the compiled one."""
+    if request.param == "compiled":
+        if not fused.available():
+            pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+        monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    else:
+        monkeypatch.setattr(fused, "MIN_NUMEL", 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
-def test_ties_equals_the_reference_bit_for_bit(seed, ties):
+def test_ties_equals_the_reference_bit_for_bit(seed, ties, kernel):
     experts, base = random_case(seed, ties)
     n = len(experts)
     density = [(0.2, 0.5, 0.9, 1.0)[(seed + i) % 4] for i in range(n)]
@@ -77,7 +89,7 @@ def test_ties_equals_the_reference_bit_for_bit(seed, ties):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_weighted_ties_and_lambda_match_the_reference(seed):
+def test_weighted_ties_and_lambda_match_the_reference(seed, kernel):
     """Weights enter before the election (as mergekit); the divisor is the agreeing weight."""
     experts, base = random_case(seed, ties=seed % 2 == 0)
     n = len(experts)
@@ -88,7 +100,7 @@ def test_weighted_ties_and_lambda_match_the_reference(seed):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_no_normalize_is_the_disjoint_sum():
+def test_no_normalize_is_the_disjoint_sum(kernel):
     experts, base = random_case(3, ties=True)
     n = len(experts)
     expected = reference_ties(experts, base, [1.0] * n, [0.5] * n, normalize=False)
@@ -107,7 +119,7 @@ def test_dare_ties_uses_the_same_election_as_the_reference():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_hand_computed_election():
+def test_hand_computed_election(kernel):
     """Three task vectors on four entries, density 1: elect + disjoint mean by hand."""
     base = torch.zeros(4)
     experts = [torch.tensor([1.0, -2.0, 3.0, 0.0]),
@@ -128,3 +140,26 @@ def test_trim_keeps_every_entry_tied_at_the_threshold_and_never_a_zero():
     assert torch.equal(only_zeros, torch.zeros(8))
     scratch = magnitude_trim_(torch.ones(8), 0.5)
     assert scratch.shape == (8,) and magnitude_trim_(torch.ones(8), 0.5, scratch=scratch) is scratch
+
+
+def test_compiled_kernel_is_the_torch_kernel_bit_for_bit(monkeypatch):
+    """Weights of both signs, λ, densities from 0.001 to 1, -0.0 in the base, many ties."""
+    if not fused.available():
+        pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+    generator = torch.Generator().manual_seed(11)
+    for case in range(24):
+        n, shape = 1 + case % 4, [(4096,), (37, 61), (3, 5, 7)][case % 3]
+        base = torch.randn(shape, generator=generator).to(torch.bfloat16).float()
+        base.view(-1)[::7] = -0.0
+        experts = [base + torch.randint(-2, 3, shape, generator=generator).float() / 16 if i % 2 else
+                   (base + torch.randn(shape, generator=generator) * 0.01).to(torch.bfloat16).float() for i in range(n)]
+        weight = [[1.0] * n, [0.5] * n, [-0.5] * n, [(1.0, -0.3, 2.0, 0.25)[i] for i in range(n)]][case % 4]
+        params = dict(weight=weight, density=[(0.001, 0.2, 0.999, 1.0)[(case + i) % 4] for i in range(n)],
+                      normalize=case % 3 != 0, **{"lambda": (1.0, 0.7, -1.0)[case % 3]})
+        if params["normalize"] and abs(sum(weight)) < 1e-9:
+            continue
+        results = []
+        for minimum in (1 << 62, 0):
+            monkeypatch.setattr(fused, "MIN_NUMEL", minimum)
+            results.append(METHODS["ties"]([e.clone() for e in experts], base.clone(), **params))
+        assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32)), case
