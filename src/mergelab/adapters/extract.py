@@ -32,7 +32,7 @@ from mergelab.outdir import atomic_directory, check_output_dir
 
 # Above this many entries (and a rank well below the matrix' size) a fixed-rank SVD is randomized.
 RANDOMIZED_ABOVE = 1_000_000
-OVERSAMPLE, POWER_ITERATIONS = 16, 3
+OVERSAMPLE, POWER_ITERATIONS = 10, 2
 REPORT_FILE = "extraction.json"
 
 
@@ -85,21 +85,19 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
         biases: dict[str, str] = {}  # output key -> tensor name
         total = residual = 0.0
         names = [n for n, info in base_reader.tensors.items() if info.dtype.is_floating_point]
+        buffers = _Buffers()
         for name in tqdm(names, unit="tensor", desc="extract", disable=quiet):
             module, _, attr = name.rpartition(".")
             kind = kinds.get(module) or _guess_kind(base_reader.tensors[name].shape, attr)
-            theta_b, theta_ft = base_reader.get(name), ft_reader.get(name)
-            delta = theta_ft.float() - theta_b.float()
-            del theta_b, theta_ft
-            if delta.numel() == 0 or float(delta.abs().max()) <= tolerance:
+            delta = _task_vector(base_reader, ft_reader, name, buffers)
+            if delta.numel() == 0 or max(-float(delta.min()), float(delta.max())) <= tolerance:
                 continue
             if kind in ("linear", "conv1d") and attr == "weight":
                 matrix = delta if kind == "linear" else delta.T  # (out, in)
-                b, a, report = _factor(module, matrix, rank, energy)
+                b, a, report, norm_sq = _factor(module, matrix, rank, energy)
                 factors[f"{PREFIX}{module}.lora_A.weight"] = a
                 factors[f"{PREFIX}{module}.lora_B.weight"] = b
                 modules.append(report)
-                norm_sq = float(matrix.double().square().sum())
                 total, residual = total + norm_sq, residual + norm_sq * report.relative_error ** 2
             elif kind in ("linear", "conv1d"):  # a trained bias of a linear layer
                 biases[name] = name
@@ -143,10 +141,34 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, r
     return report
 
 
+class _Buffers:
+    """Reused read and compute buffers: a fresh multi-hundred-MB tensor per read costs a page
+    fault per 4 KB page, more than the arithmetic on it."""
+
+    def __init__(self) -> None:
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.work = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, kind: str, nbytes: int) -> torch.Tensor:
+        if getattr(self, kind).numel() < nbytes:
+            setattr(self, kind, torch.empty(nbytes, dtype=torch.uint8))
+        return getattr(self, kind)[:nbytes]
+
+
+def _task_vector(base_reader, ft_reader, name: str, buffers: _Buffers) -> torch.Tensor:
+    """θ_ft − θ_base of one tensor in float32, in the reused work buffer (valid until the next call)."""
+    info = base_reader.tensors[name]
+    numel = math.prod(info.shape)
+    delta = buffers.take("work", numel * 4).view(torch.float32).view(info.shape)
+    ft_info = ft_reader.tensors[name]
+    delta.copy_(ft_reader.get(name, out=buffers.take("raw", numel * ft_info.dtype.itemsize)))
+    return delta.sub_(base_reader.get(name, out=buffers.take("raw", numel * info.dtype.itemsize)))
+
+
 def _factor(module: str, matrix: torch.Tensor, rank: int | None, energy: float | None):
-    """(B, A, report) of one layer's ΔW (out, in)."""
+    """(B, A, report, ‖ΔW‖²) of one layer's ΔW (out, in)."""
     smaller = min(matrix.shape)
-    norm_sq = float(matrix.double().square().sum())
+    norm_sq = float(torch.linalg.vector_norm(matrix)) ** 2
     randomized = rank is not None and matrix.numel() > RANDOMIZED_ABOVE and rank + OVERSAMPLE < smaller // 2
     if randomized:
         u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
@@ -164,8 +186,8 @@ def _factor(module: str, matrix: torch.Tensor, rank: int | None, energy: float |
     # Measured, not taken from ‖ΔW‖² − Σ σ_i² (the tail by theory, but a difference of two
     # float32 sums: at full rank it would report √ε instead of ε).
     residual = torch.addmm(matrix, b, a, alpha=-1.0)  # (out, in)
-    error = math.sqrt(float(residual.double().square().sum()) / norm_sq) if norm_sq else 0.0
-    return b, a, ModuleReport(module, tuple(matrix.shape), keep, error, randomized)
+    error = float(torch.linalg.vector_norm(residual)) / math.sqrt(norm_sq) if norm_sq else 0.0
+    return b, a, ModuleReport(module, tuple(matrix.shape), keep, error, randomized), norm_sq
 
 
 def _module_kinds(reader) -> dict[str, str]:

@@ -66,17 +66,18 @@ class AdapterReader:
         module = self.modules.get(name)
         if module is None:
             return reader.get(key, out=out)
-        # W is read into, and W + scale·B·A computed in, this thread's reused buffers: fresh
-        # multi-hundred-MB tensors cost a page fault per 4 KB page, more than the arithmetic.
+        # W is read into this thread's reused buffer (a fresh multi-hundred-MB tensor costs a
+        # page fault per 4 KB page, more than the arithmetic on it).
         info = reader.tensors[key]
         numel = math.prod(info.shape)
         compute = torch.float64 if info.dtype == torch.float64 else torch.float32
         weight = reader.get(key, out=_buffer("raw", numel * info.dtype.itemsize))
+        result = (torch.empty(info.shape, dtype=info.dtype) if out is None
+                  else out[:numel * info.dtype.itemsize].view(info.dtype).view(info.shape))
+        if module.kind == "linear":
+            return _merge_rows(weight, self.adapter, module, compute, result)
         work = _buffer("work", numel * compute.itemsize).view(compute).view(info.shape)
-        add_lora_(work.copy_(weight), self.adapter, module)
-        if out is None:
-            return work.to(info.dtype, copy=True)
-        return out[:numel * info.dtype.itemsize].view(info.dtype).view(info.shape).copy_(work)
+        return result.copy_(add_lora_(work.copy_(weight), self.adapter, module))
 
     def weight_files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
@@ -102,6 +103,30 @@ def _buffer(kind: str, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         setattr(_LOCAL, kind, buffer)
     return buffer[:nbytes]
+
+
+BLOCK_BYTES = 1 << 20  # rows of W + scale·B·A formed at a time: they stay in cache from read to write
+
+
+def _merge_rows(weight: torch.Tensor, adapter: LoraAdapter, module, compute: torch.dtype,
+                result: torch.Tensor) -> torch.Tensor:
+    """``result`` = W + scale·B·A (DoRA: each row rescaled to its magnitude) for a (out, in)
+    weight, a block of rows at a time: convert, add the low-rank product, cast back while the
+    block is in cache (three passes over memory fused into one)."""
+    a = adapter.reader.get(module.a_key).to(compute)  # (r, in)
+    b = adapter.reader.get(module.b_key).to(compute)  # (out, r)
+    magnitude = None if module.magnitude_key is None else adapter.reader.get(module.magnitude_key).to(compute)
+    rows, columns = weight.shape
+    step = max(1, BLOCK_BYTES // (columns * compute.itemsize))
+    work = _buffer("block", step * columns * compute.itemsize).view(compute)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = work[:(stop - start) * columns].view(stop - start, columns)
+        block.copy_(weight[start:stop]).addmm_(b[start:stop], a, alpha=module.scale)
+        if magnitude is not None:
+            block.mul_((magnitude[start:stop] / torch.linalg.norm(block, dim=1)).unsqueeze(1))
+        result[start:stop].copy_(block)
+    return result
 
 
 def adapter_input(ref: str, locate: Callable[[str], Path] = resolve_model) -> tuple[Path, Path] | None:
