@@ -1,8 +1,26 @@
 """mergelab: merge checkpoints, choose merge weights, keep old skills, and measure it all."""
 
+import importlib
+
 from mergelab.errors import MergeError, MergelabError
+from mergelab.threads import set_passive_wait_policy
 
 __version__ = "0.1.0"
+
+# Idle OpenMP threads sleep instead of spinning (mergelab/threads.py says why); only effective
+# before torch is imported, which is why it happens here, and why nothing here imports torch.
+set_passive_wait_policy()
+
+# Subpackages load on first attribute access (``mergelab.cocktail.fewshot_weights``), so that
+# ``import mergelab`` and ``mergelab --help`` stay free of torch and transformers.
+_SUBMODULES = ("adapters", "cocktail", "config", "continual", "engine", "evaluate", "experiments", "fisher", "io",
+               "loading", "methods", "threads")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mergelab.{name}")
+    raise AttributeError(f"module 'mergelab' has no attribute '{name}'")
 
 
 def merge(config, out_dir, **options):

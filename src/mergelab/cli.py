@@ -82,9 +82,26 @@ def _show_library_notes() -> None:
 @click.version_option(package_name="mergelab")
 def main() -> None:
     """Merge checkpoints, pick merge weights, keep old skills, and measure it all."""
-    from transformers.utils import logging as hf_logging
+    # Nothing here imports torch or transformers: `mergelab --help` and early user errors stay fast.
 
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model loaded is noise here
+
+class _ThreadsType(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        from mergelab.threads import check_threads
+
+        try:
+            return check_threads(value, "--threads")
+        except MergelabError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+# For the commands that run models; the policy behind "auto" is mergelab.threads.auto_threads.
+_threads_option = click.option(
+    "--threads", default="auto", show_default=True, type=_ThreadsType(),
+    help="torch CPU threads: a number, or auto (1 for models under 100M parameters or on a busy machine, "
+         "else the idle cores).")
 
 
 def options_from(cls):
@@ -110,6 +127,9 @@ def options_from(cls):
 @options_from(MergeOptions)
 def merge(config: Path, out_dir: Path, **options) -> None:
     """Merge the models a mergekit-style CONFIG.yml describes into OUT_DIR."""
+    from mergelab.config import load_config
+
+    config = load_config(config)  # a bad or missing YAML is reported before torch is imported
     from mergelab import merge as run
 
     click.echo(f"merged model written to {run(config, out_dir, **options)}")
@@ -141,12 +161,13 @@ def inspect(models, base, density, per_tensor, as_json) -> None:
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
               help="Use this directory's tokenizer (for a model saved without one).")
-def fisher(model_dir, data, out, samples, max_length, device, force, tokenizer) -> None:
+@_threads_option
+def fisher(model_dir, data, out, samples, max_length, device, force, tokenizer, threads) -> None:
     """Estimate the diagonal Fisher of a causal LM on DATA (for `merge_method: fisher`)."""
     from mergelab.fisher import estimate_fisher, read_texts
 
     path = estimate_fisher(model_dir, read_texts(data), out, max_samples=samples, max_length=max_length,
-                           device=device, force=force, tokenizer=tokenizer)
+                           device=device, force=force, tokenizer=tokenizer, threads=threads)
     click.echo(f"Fisher written to {path}")
 
 
@@ -164,14 +185,15 @@ def fisher(model_dir, data, out, samples, max_length, device, force, tokenizer) 
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
+@_threads_option
 def evaluate(model_dirs, tasks, backend, lm_eval_tasks, lm_eval_include, out, tokenizer, batch_size, device,
-             quiet) -> None:
+             quiet, threads) -> None:
     """Score MODEL_DIRS (loaded one at a time) on the tasks of a tasks file and/or lm-eval tasks."""
     from mergelab.evaluate.adapters import evaluate_with_backend
 
     rows = evaluate_with_backend(model_dirs, tasks, backend=backend, lm_eval_tasks=lm_eval_tasks,
                                  lm_eval_include=lm_eval_include, out=out, batch_size=batch_size, device=device,
-                                 progress=not quiet, tokenizer=tokenizer)
+                                 progress=not quiet, tokenizer=tokenizer, threads=threads)
     width = max((len(r["model"]) for r in rows), default=0)
     for row in rows:
         click.echo(f"{row['model']:{width}}  {row['task']:24} {row['metric']:12} {row['score']:.4f}")
@@ -192,7 +214,7 @@ _ALL = ("merge", "weights", "sweep")
 def _cocktail_option_table() -> list[tuple[tuple[str, ...], object]]:
     from dataclasses import MISSING, fields
 
-    from mergelab.cocktail.loss import LossOptions
+    from mergelab.cocktail.options import LossOptions
 
     table = [
         (_ALL, click.option("--finetuned", default=None, help="M_t: the model fine-tuned on the target task.")),
@@ -220,6 +242,7 @@ def _cocktail_option_table() -> list[tuple[tuple[str, ...], object]]:
         (_ALL, click.option("--batch-size", default=8, show_default=True)),
         (_ALL, click.option("--budget", default=40, show_default=True, help="Black-box optimizer evaluations.")),
         (_ALL, click.option("--device", default="cpu", show_default=True)),
+        (_ALL, _threads_option),
     ]
     return table
 
@@ -239,7 +262,7 @@ def _cocktail_options(subcommand: str):
 def _cocktail_kwargs(examples, **kwargs) -> dict:
     """The cocktail API's keyword arguments from the parsed options (loss options as one LossOptions)."""
     from mergelab.cocktail import load_examples
-    from mergelab.cocktail.loss import LossOptions
+    from mergelab.cocktail.options import LossOptions
 
     checks = {"model_type": kwargs["model_type"], "neg_number": kwargs["neg_number"]}
     if len(examples) == 1:
@@ -373,7 +396,8 @@ def demo(out: Path, quick: bool, quiet: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the results.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
 @click.option("--quiet", is_flag=True)
-def sfa(spec, digits, out, force, quiet) -> None:
+@_threads_option
+def sfa(spec, digits, out, force, quiet, threads) -> None:
     """Train on the task stream a YAML SPEC describes with SFA and the baselines (or, with
     --digits, run the split-digits experiment); write results.json, results.md and plots."""
     from mergelab.continual import run_spec
@@ -381,7 +405,10 @@ def sfa(spec, digits, out, force, quiet) -> None:
 
     if digits == (spec is not None):
         raise MergelabError("give either a SPEC file or --digits (not both)")
-    path = run_digits_experiment(out, force=force, quiet=quiet) if digits else run_spec(spec, out, force, quiet)
+    if threads != "auto" and digits:
+        raise MergelabError("--threads applies to a SPEC's stream; --digits runs one torch thread per process")
+    path = run_digits_experiment(out, force=force, quiet=quiet) if digits \
+        else run_spec(spec, out, force, quiet, threads=threads)
     click.echo(f"results written to {path}")
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.threads import use_threads
 
 
 def check_device(name: str, what: str = "device") -> torch.device:
@@ -24,11 +25,8 @@ def check_device(name: str, what: str = "device") -> torch.device:
 
 @contextmanager
 def torch_threads(count: int):
-    """Run a block with ``count`` torch CPU threads. Tiny models are fastest on one thread;
-    more only add synchronisation, and spin badly when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
+    """Run a block with ``count`` torch CPU threads, pinned: every ``threads="auto"`` inside it
+    keeps ``count`` (``mergelab.threads.use_threads``). Tiny models are fastest on one thread;
+    more only add synchronisation, and stall when other processes share the cores."""
+    with use_threads(count):
         yield
-    finally:
-        torch.set_num_threads(previous)

@@ -12,6 +12,7 @@ import torch
 from mergelab.config import read_records
 from mergelab.continual.state import tensor_groups, unwrap
 from mergelab.errors import MergelabError
+from mergelab.threads import Threads, check_threads, module_params, use_threads
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -44,8 +45,8 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
-                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] = causal_lm_loss
-                    ) -> dict[str, torch.Tensor]:
+                    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] = causal_lm_loss,
+                    threads: Threads = "auto") -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher: the mean over examples of the squared gradient of each
     example's loss (one backward per example; squaring per example is what makes it the
     Fisher and not the squared mean gradient).
@@ -57,6 +58,7 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
         batches: one example each; for a causal LM ``input_ids`` (optional
             ``attention_mask`` and ``labels``).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default: the causal-LM loss.
+        threads: torch CPU threads, a number or "auto" (``mergelab.threads``).
 
     Returns:
         float32 tensors keyed by ``model.state_dict()`` names: tied parameters appear under
@@ -68,13 +70,14 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Any],
     count = 0
     was_training = model.training
     model.eval()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        for total, (_, param) in zip(sums, trainable):
-            if param.grad is not None:
-                total.add_(param.grad.detach().float().square())
-        count += 1
+    with use_threads(threads, work_params=module_params(model)):
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            for total, (_, param) in zip(sums, trainable):
+                if param.grad is not None:
+                    total.add_(param.grad.detach().float().square())
+            count += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if count == 0:
@@ -124,7 +127,7 @@ def _link_no_replace(source: Path, target: Path) -> None:
 
 def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Path, *, max_samples: int | None = None,
                     max_length: int = 512, device: str = "cpu", force: bool = False,
-                    tokenizer: str | Path | None = None) -> Path:
+                    tokenizer: str | Path | None = None, threads: Threads = "auto") -> Path:
     """Estimate the diagonal Fisher of a causal LM on ``texts`` and save it.
 
     Every check a user can fail (the output path, the model directory and its tokenizer, a
@@ -132,6 +135,7 @@ def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Pat
 
     Args:
         tokenizer: a directory whose tokenizer to use, for a model saved without one.
+        threads: torch CPU threads, a number or "auto" (``mergelab.threads``).
 
     Example:
         >>> estimate_fisher("experts/math", ["2 + 2 = 4", "3 + 5 = 8"], "math.fisher.safetensors")  # doctest: +SKIP
@@ -145,6 +149,7 @@ def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Pat
     for value, name, low in ((max_samples, "--samples", 1), (max_length, "--max-length", 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise MergelabError(f"{name} must be a whole number of at least {low}, got {value!r}")
+    threads = check_threads(threads, "--threads")
     model, loaded_tokenizer = load_model(model_dir, "causal", tokenizer=tokenizer, device=device)
     texts = texts[:max_samples] if max_samples is not None else texts
 
@@ -156,5 +161,5 @@ def estimate_fisher(model_dir: str | Path, texts: list[str], out_path: str | Pat
                 encoded = {"input_ids": torch.cat([encoded["input_ids"], eos], 1)[:, -max_length:]}
             yield {k: v.to(device) for k, v in encoded.items() if k == "input_ids"}
 
-    _publish(fisher_diagonal(model, batches()), out_path, force)
+    _publish(fisher_diagonal(model, batches(), threads=threads), out_path, force)
     return out_path

@@ -8,8 +8,11 @@ command can run it on every input before its first expensive step.
 
 from __future__ import annotations
 
+import math
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -126,8 +129,37 @@ def load_tokenizer(path: str | Path, tokenizer: str | Path | None = None, *, wha
                             f"  hint: {TOKENIZER_HINT}") from None
 
 
+@contextmanager
+def quiet_transformers(progress: bool = False) -> Iterator[None]:
+    """Run a block with transformers' progress bars ("Loading weights") off unless ``progress``;
+    the caller's setting is restored after. A library call should print nothing a caller did
+    not ask for."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not progress:
+            hf_logging.enable_progress_bar()
+
+
+def model_params(path: str | Path) -> int | None:
+    """The number of parameters in a model directory's weights, from the file headers alone
+    (tied tensors stored once count once), or None where ``path`` is no model directory this
+    reader knows (an adapter, say). For the thread policy (``mergelab.threads``)."""
+    try:
+        with CheckpointReader(Path(path), label=Path(path).name) as reader:
+            return sum(math.prod(info.shape) for info in reader.tensors.values())
+    except (MergelabError, OSError):
+        return None
+
+
 def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, what: str = "model"):
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, what: str = "model",
+               progress: bool = False):
     """(model, tokenizer) for a model directory, the model in eval mode on ``device``.
 
     Args:
@@ -137,6 +169,7 @@ def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path 
         device: where to put the model.
         dtype: the dtype to load the weights in (float32 by default).
         what: how error messages name the directory ("model", "candidate", ...).
+        progress: show transformers' "Loading weights" progress bar (off by default).
 
     Raises:
         MergelabError: a missing path, a directory without a model or tokenizer, a ``.bin``
@@ -155,8 +188,9 @@ def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path 
     loader = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:
         # mismatched shapes are reported in ``info`` (and refused below) rather than raised as a RuntimeError
-        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                             ignore_mismatched_sizes=True)
+        with quiet_transformers(progress):
+            model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                 ignore_mismatched_sizes=True)
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickled object
         raise MergelabError(unsafe_checkpoint_message(_bin_files(path))) from None
     except (OSError, ValueError, KeyError, SafetensorError) as exc:

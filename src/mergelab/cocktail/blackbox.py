@@ -15,9 +15,11 @@ from typing import Sequence
 import torch
 
 from mergelab.cocktail.loss import LossOptions, load_candidate, model_loss
+from mergelab.loading import model_params
 from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import pooling_of
 from mergelab.methods import METHODS
+from mergelab.threads import Threads, use_threads
 
 
 def _softmax(z) -> list[float]:
@@ -48,11 +50,11 @@ def merged_state(states: list[dict[str, torch.Tensor]], weights: Sequence[float]
 def blackbox_weights(candidates: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder", *,
                      finetuned: str | Path | None = None, alpha: float = 0.5, budget: int = 40, seed: int = 0,
                      options: LossOptions = LossOptions(), batch_size: int = 8, device: str = "cpu",
-                     tokenizer: str | Path | None = None) -> tuple[list[float], float]:
+                     tokenizer: str | Path | None = None, threads: Threads = "auto") -> tuple[list[float], float]:
     """Weights on the simplex minimizing the loss of α·M_t + (1−α)·Σ w_i M_i (or Σ w_i M_i).
 
-    The loss is Eq. 2's, computed with the same ``options`` as the few-shot weights.
-    Returns (weights, the best loss found).
+    The loss is Eq. 2's, computed with the same ``options`` as the few-shot weights; ``threads``
+    as in ``mergelab.threads``. Returns (weights, the best loss found).
     """
     try:
         import nevergrad as ng
@@ -61,22 +63,22 @@ def blackbox_weights(candidates: Sequence[str | Path], examples: Sequence[dict],
         raise MergelabError("the black-box recipe needs nevergrad: pip install 'mergelab[blackbox]'") from None
     if budget < 1:
         raise MergelabError(f"budget must be at least 1 evaluation, got {budget}")
-    model, loaded_tokenizer = load_candidate(candidates[0], model_type, device, tokenizer)
-    states = [_state(path, model_type, tokenizer) for path in candidates]
-    anchor = _state(finetuned, model_type, tokenizer) if finetuned is not None else None
-    pooling = pooling_of(candidates[0])
+    with use_threads(threads, work_params=model_params(candidates[0])):
+        model, loaded_tokenizer = load_candidate(candidates[0], model_type, device, tokenizer)
+        states = [_state(path, model_type, tokenizer) for path in candidates]
+        anchor = _state(finetuned, model_type, tokenizer) if finetuned is not None else None
+        pooling = pooling_of(candidates[0])
 
-    def loss_of(z) -> float:
-        model.load_state_dict(merged_state(states, _softmax(z), anchor, alpha))
-        return model_loss(model, loaded_tokenizer, examples, model_type, options, pooling=pooling,
-                          batch_size=batch_size, device=device)
+        def loss_of(z) -> float:
+            model.load_state_dict(merged_state(states, _softmax(z), anchor, alpha))
+            return model_loss(model, loaded_tokenizer, examples, model_type, options, pooling=pooling,
+                              batch_size=batch_size, device=device)
 
-    parametrization = ng.p.Array(init=np.zeros(len(candidates)))
-    parametrization.random_state = np.random.RandomState(seed)
-    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
-    best = optimizer.minimize(loss_of)
-    weights = _softmax(best.value)
-    return weights, loss_of(best.value)
+        parametrization = ng.p.Array(init=np.zeros(len(candidates)))
+        parametrization.random_state = np.random.RandomState(seed)
+        optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
+        best = optimizer.minimize(loss_of)
+        return _softmax(best.value), loss_of(best.value)
 
 
 def _state(path, model_type: str, tokenizer=None) -> dict[str, torch.Tensor]:

@@ -12,52 +12,22 @@ and the loss is the cross-entropy of picking its own positive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from mergelab.cocktail.options import LossOptions
 from mergelab.errors import MergelabError
 from mergelab.evaluate.decoder import example_losses
 from mergelab.evaluate.encoder import embed
 from mergelab.evaluate.runner import pooling_of
-from mergelab.loading import load_model
+from mergelab.adapters.loading import load_model  # mergelab.loading's, plus adapter candidates
+from mergelab.loading import model_params
+from mergelab.threads import Threads, use_threads
 
 MODEL_TYPES = ("decoder", "encoder")
 LOADER_KIND = {"decoder": "causal", "encoder": "encoder"}
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """How L(M_i, E_t) of Eq. 2 is computed; one value passed whole to every recipe.
-
-    Each field's ``help`` metadata is also the text of its command-line option.
-    """
-
-    max_length: int | None = field(default=None, metadata={
-        "help": "Tokens per sequence (default: 2048 for decoders, 512 for encoders)."})
-    pooling: str | None = field(default=None, metadata={
-        "help": "Encoder pooling, cls or mean (default: the directory's sentence-transformers pooling, else cls).",
-        "choices": ("cls", "mean")})
-    neg_number: int = field(default=7, metadata={"help": "Encoder negatives per query."})
-    query_instruction: str = field(default="", metadata={"help": "Encoder: text put before every query."})
-    contrastive_temperature: float = field(default=0.05, metadata={
-        "help": "Encoder: temperature of the in-batch contrastive loss."})
-
-    def __post_init__(self):
-        if self.max_length is not None and self.max_length < 1:
-            raise MergelabError(f"max_length must be at least 1, got {self.max_length}")
-        if self.pooling not in (None, "cls", "mean"):
-            raise MergelabError(f"pooling '{self.pooling}' is not known; use cls or mean")
-        if self.neg_number < 0:
-            raise MergelabError(f"neg_number must be >= 0, got {self.neg_number}")
-        if self.contrastive_temperature <= 0:
-            raise MergelabError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 def check_examples(examples: Sequence[dict], model_type: str, neg_number: int = 7, where: str = "examples") -> None:
@@ -148,11 +118,12 @@ def encoder_loss(model, tokenizer, examples: Sequence[dict], *, batch_size: int 
 
 def candidate_loss(path: str | Path, examples: Sequence[dict], model_type: str = "decoder", *,
                    options: LossOptions = LossOptions(), batch_size: int = 8, device: str = "cpu",
-                   tokenizer: str | Path | None = None) -> float:
-    """Load one candidate, compute its few-shot loss, free it."""
-    model, loaded_tokenizer = load_candidate(path, model_type, device, tokenizer)
-    try:
-        return model_loss(model, loaded_tokenizer, examples, model_type, options, pooling=pooling_of(path),
-                          batch_size=batch_size, device=device)
-    finally:
-        del model
+                   tokenizer: str | Path | None = None, threads: Threads = "auto") -> float:
+    """Load one candidate, compute its few-shot loss, free it (``threads``: ``mergelab.threads``)."""
+    with use_threads(threads, work_params=model_params(path)):
+        model, loaded_tokenizer = load_candidate(path, model_type, device, tokenizer)
+        try:
+            return model_loss(model, loaded_tokenizer, examples, model_type, options, pooling=pooling_of(path),
+                              batch_size=batch_size, device=device)
+        finally:
+            del model

@@ -21,8 +21,9 @@ from mergelab.cocktail.loss import LossOptions, check_examples
 from mergelab.cocktail.weights import fewshot_losses, pooled, softmax_weights
 from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import check_run_settings
-from mergelab.loading import check_model_dir
+from mergelab.adapters.loading import check_model_dir  # mergelab.loading's, plus adapter candidates
 from mergelab.outdir import check_output_dir
+from mergelab.threads import Threads, check_threads
 
 RECIPES = ("full", "mono", "no_finetune", "unified", "blackbox")
 
@@ -68,8 +69,8 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
              peers: Sequence[str | Path] = (), examples: Sequence[dict] | Mapping[str, Sequence[dict]] | None = None,
              recipe: str = "auto", alpha: float = 0.5, temperature: float = 5.0, model_type: str = "decoder",
              batch_size: int = 8, device: str = "cpu", force: bool = False, quiet: bool = True, budget: int = 40,
-             seed: int = 0, options: LossOptions = LossOptions(), tokenizer: str | Path | None = None
-             ) -> CocktailResult:
+             seed: int = 0, options: LossOptions = LossOptions(), tokenizer: str | Path | None = None,
+             threads: Threads = "auto", output: str = "model") -> CocktailResult:
     """Run an LM-Cocktail recipe; with ``out_dir`` also write the merged model.
 
     Args:
@@ -85,6 +86,10 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
         budget, seed: evaluations and seed of the black-box optimizer.
         options: how the few-shot loss is computed (``LossOptions``), for Eq. 2 and black-box alike.
         tokenizer: a directory whose tokenizer every model uses instead of its own.
+        threads: torch CPU threads for the few-shot losses, a number or "auto" (``mergelab.threads``).
+        output: "model" (a merged checkpoint) or "adapter": when the models are PEFT adapters of
+            one base (and that base), the cocktail of their ΔWs as one adapter
+            (``mergelab.adapters.cocktail``).
 
     Example:
         >>> cocktail("out", finetuned="ft", base="base", peers=["p1"], examples=five)  # doctest: +SKIP
@@ -92,7 +97,13 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
     recipe, candidates, examples = check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples,
                                                   recipe=recipe, alpha=alpha, temperature=temperature,
                                                   model_type=model_type, options=options, tokenizer=tokenizer,
-                                                  batch_size=batch_size, device=device)
+                                                  batch_size=batch_size, device=device, threads=threads)
+    if output not in ("model", "adapter"):
+        raise MergelabError(f"output must be 'model' or 'adapter', got {output!r}")
+    if output == "adapter":
+        from mergelab.adapters.cocktail import check_cocktail_adapter
+
+        check_cocktail_adapter(finetuned if recipe != "no_finetune" else None, candidates)
     if out_dir is not None:  # before computing any loss
         check_output_dir(out_dir, force, inputs=[m for m in (finetuned, *candidates) if m is not None])
     losses = None
@@ -101,10 +112,10 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
     elif recipe == "blackbox":
         weights, _ = blackbox_weights(candidates, examples, model_type, finetuned=finetuned, alpha=alpha,
                                       budget=budget, seed=seed, options=options, batch_size=batch_size,
-                                      device=device, tokenizer=tokenizer)
+                                      device=device, tokenizer=tokenizer, threads=threads)
     else:
         losses = fewshot_losses(candidates, examples, model_type, options=options, batch_size=batch_size,
-                                device=device, tokenizer=tokenizer)
+                                device=device, tokenizer=tokenizer, threads=threads)
         weights = softmax_weights(losses, temperature)
     uses_finetuned = finetuned is not None and recipe != "no_finetune"
     result = CocktailResult(recipe, str(finetuned) if uses_finetuned else None, candidates, weights, losses,
@@ -112,7 +123,12 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
     if out_dir is not None:
         from mergelab import merge
 
-        merge(cocktail_config(result), out_dir, force=force, quiet=quiet, device=device)
+        if output == "adapter":
+            from mergelab.adapters.cocktail import cocktail_adapter
+
+            cocktail_adapter(result.finetuned, candidates, weights, result.alpha, out_dir, force=force)
+        else:
+            merge(cocktail_config(result), out_dir, force=force, quiet=quiet, device=device)
         result.out_dir = str(out_dir)
         (Path(out_dir) / "cocktail.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
@@ -121,13 +137,14 @@ def cocktail(out_dir: str | Path | None = None, *, finetuned: str | Path | None 
 def check_cocktail(*, finetuned=None, base=None, peers: Sequence = (), examples=None, recipe: str = "auto",
                    alpha: float = 0.5, temperature: float = 5.0, model_type: str = "decoder",
                    options: LossOptions = LossOptions(), tokenizer=None, batch_size: int = 8,
-                   device: str = "cpu") -> tuple[str, list[str], list[dict] | None]:
+                   device: str = "cpu", threads: Threads = "auto") -> tuple[str, list[str], list[dict] | None]:
     """Every check ``cocktail`` makes before loading a model: (recipe, candidates, pooled examples).
 
     Callers that create files (the α sweep) run it first, so bad input leaves nothing behind.
     """
     recipe = choose_recipe(finetuned, examples, recipe)
     check_run_settings(batch_size, device)
+    check_threads(threads)
     if not 0.0 <= alpha <= 1.0:
         raise MergelabError(f"alpha must be in [0, 1], got {alpha}")
     if temperature <= 0:
@@ -155,13 +172,18 @@ def check_cocktail(*, finetuned=None, base=None, peers: Sequence = (), examples=
 
 def cocktail_config(result: CocktailResult) -> dict:
     """The engine config that realizes a recipe's decision."""
+    from mergelab.vocab import union_if_vocabularies_differ
+
+    # models that differ only by added tokens merge through the union vocabulary (the target's first)
+    vocabulary = union_if_vocabularies_differ([m for m in (result.finetuned, *result.candidates) if m is not None])
     if result.finetuned is None:
         return {"merge_method": "linear",
                 "models": [{"model": m, "parameters": {"weight": w}}
-                           for m, w in zip(result.candidates, result.weights)]}
+                           for m, w in zip(result.candidates, result.weights)], **vocabulary}
     return {"merge_method": "lm_cocktail", "parameters": {"alpha": result.alpha},
             "models": [{"model": result.finetuned}]
-            + [{"model": m, "parameters": {"weight": w}} for m, w in zip(result.candidates, result.weights)]}
+            + [{"model": m, "parameters": {"weight": w}} for m, w in zip(result.candidates, result.weights)],
+            **vocabulary}
 
 
 def _check_same_architecture(models: Sequence) -> None:

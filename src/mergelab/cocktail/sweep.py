@@ -13,6 +13,7 @@ from mergelab.cocktail.recipes import check_cocktail, cocktail
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, write_rows
 from mergelab.outdir import check_output_dir
+from mergelab.threads import Threads
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -23,7 +24,7 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
                 keep_models: bool = False, quiet: bool = True, recipe: str = "auto", temperature: float = 5.0,
                 model_type: str = "decoder", options: LossOptions = LossOptions(),
                 tokenizer: str | Path | None = None, batch_size: int = 8, device: str = "cpu", budget: int = 40,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, threads: Threads = "auto") -> list[dict]:
     """Merge at each α, evaluate, and write ``sweep.csv`` and ``sweep.png`` to ``out_dir``.
 
     Args:
@@ -33,8 +34,8 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
         target: the task name(s) of the fine-tuned model's domain; the other tasks are "general".
         alphas: the grid (default 0, 0.1, ..., 1).
         keep_models: keep each merged model under ``out_dir/models``.
-        recipe, temperature, model_type, options, tokenizer, batch_size, device, budget, seed:
-            as for ``cocktail``, at every α.
+        recipe, temperature, model_type, options, tokenizer, batch_size, device, budget, seed, threads:
+            as for ``cocktail``, at every α (``threads`` also for scoring the merges).
 
     Every input is checked before ``out_dir`` is created; a failed sweep removes the
     ``out_dir`` it created.
@@ -57,7 +58,7 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
             raise MergelabError(f"target task(s) {missing} are not in the tasks file ({', '.join(sorted(names))})")
     check_cocktail(finetuned=finetuned, base=base, peers=peers, examples=examples, recipe=recipe, alpha=alphas[0],
                    temperature=temperature, model_type=model_type, options=options, tokenizer=tokenizer,
-                   batch_size=batch_size, device=device)  # the other α differ only in a range already checked
+                   batch_size=batch_size, device=device, threads=threads)  # the other α differ only in a range checked
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force=True, inputs=[m for m in (finetuned, base, *peers) if m is not None])
     missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
@@ -68,7 +69,7 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
     except OSError as exc:
         raise MergelabError(f"cannot create the sweep output {out_dir}: {exc.strerror or exc}") from None
     settings = dict(recipe=recipe, temperature=temperature, model_type=model_type, options=options,
-                    tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed)
+                    tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed, threads=threads)
     try:
         return _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas,
                       keep_models, quiet, settings)
@@ -90,7 +91,8 @@ def _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target,
                 scores = evaluate(merged)
             else:
                 scores = {r["task"]: r["score"] for r in evaluate_models([merged], tasks, progress=False,
-                                                                         device=settings["device"])}
+                                                                         device=settings["device"],
+                                                                         threads=settings["threads"])}
             general = [s for name, s in scores.items() if name not in target]
             rows.append({"alpha": alpha, "target": sum(scores[t] for t in target) / len(target),
                          "general": sum(general) / len(general) if general else float("nan"), **scores})

@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 from mergelab.cocktail.loss import LossOptions, candidate_loss, check_examples
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
-from mergelab.loading import check_model_dir
+from mergelab.adapters.loading import check_model_dir  # mergelab.loading's, plus adapter candidates
+from mergelab.threads import Threads, check_threads
 
 
 def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[float]:
@@ -24,21 +25,23 @@ def softmax_weights(losses: Sequence[float], temperature: float = 5.0) -> list[f
 
 def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder", *,
                    options: LossOptions = LossOptions(), batch_size: int = 8, device: str = "cpu",
-                   tokenizer: str | Path | None = None) -> list[float]:
+                   tokenizer: str | Path | None = None, threads: Threads = "auto") -> list[float]:
     """L(M_i, E_t) for each candidate, loading one candidate at a time (all are checked first)."""
     check_examples(examples, model_type, options.neg_number)
+    check_threads(threads)
     if not models:
         raise MergelabError("no candidate models given")
     for path in models:
         check_model_dir(path, tokenizer, what="candidate")
     return [candidate_loss(path, examples, model_type, options=options, batch_size=batch_size, device=device,
-                           tokenizer=tokenizer)
+                           tokenizer=tokenizer, threads=threads)
             for path in models]
 
 
 def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder",
                     temperature: float = 5.0, batch_size: int = 8, *, options: LossOptions = LossOptions(),
-                    device: str = "cpu", tokenizer: str | Path | None = None) -> list[float]:
+                    device: str = "cpu", tokenizer: str | Path | None = None,
+                    threads: Threads = "auto") -> list[float]:
     """LM-Cocktail merge weights for ``models`` from a few examples of the target task.
 
     Args:
@@ -52,6 +55,8 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
             neg_number, query_instruction, contrastive_temperature).
         device: where the candidates run.
         tokenizer: a directory whose tokenizer every candidate uses instead of its own.
+        threads: torch CPU threads, a number or "auto" (the default: one thread for models under
+            ``mergelab.threads.SMALL_MODEL_PARAMS`` or on a busy machine, else the idle cores).
 
     Returns:
         One weight per model, summing to 1.
@@ -63,7 +68,7 @@ def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], mode
     if temperature <= 0:
         raise MergelabError(f"temperature must be > 0, got {temperature}")
     losses = fewshot_losses(models, examples, model_type, options=options, batch_size=batch_size, device=device,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, threads=threads)
     return softmax_weights(losses, temperature)
 
 

@@ -27,6 +27,7 @@ from mergelab.devices import check_device
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
 from mergelab.lm import SKILLS, answer_accuracy, build_tokenizer, causal_lm_loss, encode, make_examples, tiny_llama
+from mergelab.threads import Threads, check_threads
 
 Evaluator = Callable[[torch.nn.Module, Any, list[StreamTask]], dict[str, float]]
 
@@ -118,7 +119,7 @@ def lm_harness(tokenizer, tasks: list[StreamTask], device: str,
 
 
 def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = False, quiet: bool = False,
-             evaluator: Evaluator | None = None) -> Path:
+             evaluator: Evaluator | None = None, threads: Threads = "auto") -> Path:
     """Run the stream a spec describes and write ``results.json``, ``results.md`` and
     ``task_plane.png`` into ``out_dir`` (which appears only when all of them are written).
 
@@ -127,6 +128,8 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
         evaluator: ``evaluator(model, tokenizer, tasks) -> {task name: score}``; default: the
             spec's ``evaluation`` tasks file through ``mergelab.evaluate`` if given, else
             answer-token accuracy.
+        threads: torch CPU threads, a number or "auto" (``mergelab.threads``); "auto" takes the
+            spec's ``threads:`` when it has one.
 
     Example:
         >>> run_spec("examples/sfa_tiny.yml", "sfa-out")  # doctest: +SKIP
@@ -134,6 +137,7 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
     from mergelab.io import check_output_dir
 
     spec = load_stream_spec(spec_source)
+    threads = check_threads(threads)
     check_output_dir(out_dir, force)  # fail before training, not after
     log = (lambda _: None) if quiet else print
     started = time.perf_counter()
@@ -147,13 +151,9 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
         (lambda m, stage: evaluator(m, tokenizer, tasks))
     log(f"stream of {len(tasks)} tasks ({', '.join(t.name for t in tasks)}) on {spec.model}, "
         f"{len(spec.all_methods())} runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spec.threads or threads)
-    try:
-        result = run_stream(model, tasks, spec.all_methods(), spec.settings(),
-                            lm_harness(tokenizer, tasks, device, evaluate), log=log)
-    finally:
-        torch.set_num_threads(threads)
+    result = run_stream(model, tasks, spec.all_methods(), spec.settings(),
+                        lm_harness(tokenizer, tasks, device, evaluate), log=log,
+                        threads=spec.threads if threads == "auto" and spec.threads else threads)
     result["spec"] = spec.model_dump(mode="json", by_alias=True, exclude={"source_dir"})
     result["seconds"] = time.perf_counter() - started
     panels = plane_panels(result["runs"])

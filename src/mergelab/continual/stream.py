@@ -30,6 +30,7 @@ from mergelab.continual.state import l2_distance, restore, snapshot
 from mergelab.errors import MergelabError
 from mergelab.evaluate.continual import continual_summary
 from mergelab.lm import fit
+from mergelab.threads import Threads, module_params, use_threads
 
 
 @dataclass
@@ -195,7 +196,7 @@ class StreamRunner:
 
 def run_stream(model: torch.nn.Module, tasks: Sequence[StreamTask], methods: Sequence[Method] | Method,
                settings: TrainSettings, harness: Harness, log: Callable[[str], None] | None = None,
-               workdir: str | Path | None = None) -> dict[str, Any]:
+               workdir: str | Path | None = None, threads: Threads = "auto") -> dict[str, Any]:
     """Train ``model`` on ``tasks`` in order with each method and evaluate after every stage.
 
     Args:
@@ -205,6 +206,7 @@ def run_stream(model: torch.nn.Module, tasks: Sequence[StreamTask], methods: Seq
         methods: one ``Method`` or several (they share the first stage).
         settings: steps, batch size, optimizer, seed.
         harness: loss, batching and the evaluator.
+        threads: torch CPU threads, a number or "auto" (``mergelab.threads``).
 
     Returns:
         ``{"tasks": [...], "initial": scores after stage 1, "runs": [per-method results]}``
@@ -220,7 +222,8 @@ def run_stream(model: torch.nn.Module, tasks: Sequence[StreamTask], methods: Seq
     if not methods:
         raise MergelabError("no methods to run; give at least one (e.g. sequential and sfa)")
     runner = StreamRunner(model, tasks, settings, harness, log, workdir)
-    runs = [runner.run(method) for method in methods]
-    _, initial_scores = runner.initial()
+    with use_threads(threads, work_params=module_params(model)):
+        runs = [runner.run(method) for method in methods]
+        _, initial_scores = runner.initial()
     names = [task.name for task in runner.tasks]
     return {"tasks": names, "initial": dict(zip(names, initial_scores)), "runs": runs}

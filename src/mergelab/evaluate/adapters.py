@@ -24,7 +24,8 @@ import yaml
 from mergelab.errors import MergelabError
 from mergelab.evaluate.runner import (RESULT_FIELDS, check_results_path, check_run_settings, evaluate_models,
                                       write_rows)
-from mergelab.loading import check_model_dir, first_line
+from mergelab.loading import check_model_dir, first_line, model_params, quiet_transformers
+from mergelab.threads import Threads, check_threads, use_threads
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
 
 BACKENDS = ("mergelab", "lm-eval", "mteb")
@@ -43,14 +44,15 @@ def _require(module: str, package: str):
 
 @contextmanager
 def _quiet():
-    """lm-eval, MTEB and datasets chatter: INFO logs, deprecation warnings, per-split progress bars."""
+    """lm-eval, MTEB and datasets chatter: INFO logs, deprecation warnings, per-split progress bars,
+    transformers' "Loading weights" bars."""
     import datasets
 
     loggers = {logging.getLogger(name): logging.getLogger(name).level for name in ("lm_eval", "mteb")}
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             for logger in loggers:
@@ -337,7 +339,7 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
                           backend: str = "mergelab", lm_eval_tasks: Sequence[str] = (),
                           lm_eval_include: str | Path | None = None, out: str | Path | None = None,
                           batch_size: int = 16, device: str = "cpu", progress: bool = True,
-                          tokenizer: str | Path | None = None) -> list[dict]:
+                          tokenizer: str | Path | None = None, threads: Threads = "auto") -> list[dict]:
     """Evaluate model directories on our tasks with one backend, plus lm-eval task names (the `eval` command).
 
     Args:
@@ -347,6 +349,7 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
         lm_eval_tasks, lm_eval_include: lm-eval task names (and your YAML folder), whatever the backend.
         out: also write the rows as JSON/CSV here.
         tokenizer: a directory whose tokenizer every model uses instead of its own (our backend only).
+        threads: torch CPU threads, a number or "auto" (``mergelab.threads``), per model.
 
     Returns:
         All rows, in ``RESULT_FIELDS`` format.
@@ -364,6 +367,7 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
         raise MergelabError("--tokenizer applies to mergelab's own evaluators only, not to lm-eval or MTEB")
     tasks = load_tasks(tasks) if tasks is not None and not isinstance(tasks, (list, tuple)) else list(tasks or [])
     check_run_settings(batch_size, device)
+    check_threads(threads)
     for model_dir in model_dirs:  # fail before the first (slow) load
         check_model_dir(model_dir, tokenizer)
     if out is not None:
@@ -371,14 +375,17 @@ def evaluate_with_backend(model_dirs: Sequence[str | Path], tasks: Sequence[Task
     rows = []
     if tasks and backend == "mergelab":
         rows += evaluate_models(model_dirs, tasks, batch_size=batch_size, device=device, progress=progress,
-                                tokenizer=tokenizer)
+                                tokenizer=tokenizer, threads=threads)
     for model_dir in model_dirs:
-        if tasks and backend == "mteb":
-            rows += run_mteb(model_dir, tasks, batch_size=batch_size, device=device)
         lm_eval_work = (tasks if backend == "lm-eval" else []) + list(lm_eval_tasks)
-        if lm_eval_work:
-            rows += run_lm_eval(model_dir, lm_eval_work, include_path=lm_eval_include, batch_size=batch_size,
-                                device=device)
+        if not (tasks and backend == "mteb") and not lm_eval_work:
+            continue
+        with use_threads(threads, work_params=model_params(model_dir)):
+            if tasks and backend == "mteb":
+                rows += run_mteb(model_dir, tasks, batch_size=batch_size, device=device)
+            if lm_eval_work:
+                rows += run_lm_eval(model_dir, lm_eval_work, include_path=lm_eval_include, batch_size=batch_size,
+                                    device=device)
     if out is not None:
         write_rows(rows, out)
     return rows

@@ -18,7 +18,8 @@ from mergelab.evaluate.decoder import example_losses, generate, rank_choices
 from mergelab.evaluate.encoder import rank_corpus
 from mergelab.evaluate.metrics import RANKING_METRICS, best_over_references
 from mergelab.evaluate.tasks import Task, answer_index, load_tasks, metric_k
-from mergelab.loading import check_model_dir, check_vocab, load_model
+from mergelab.loading import check_model_dir, check_vocab, load_model, model_params
+from mergelab.threads import Threads, check_threads, module_params, use_threads
 
 RESULT_FIELDS = ("model", "task", "category", "split", "kind", "metric", "score", "higher_is_better", "n")
 
@@ -58,16 +59,20 @@ def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, device=
 
 
 def evaluate_model(model, tokenizer, tasks: Sequence[Task], *, batch_size: int = 16, device=None,
-                   progress: bool = False, pooling: str = "cls") -> dict[str, float]:
+                   progress: bool = False, pooling: str = "cls", threads: Threads = "auto") -> dict[str, float]:
     """``{task name: score}`` for a loaded transformers model.
+
+    ``threads``: torch CPU threads, a number or "auto" (``mergelab.threads.use_threads``).
 
     Example:
         >>> scores = evaluate_model(model, tokenizer, load_tasks("tasks.yml"))  # doctest: +SKIP
     """
     check_vocab(model, tokenizer, "model")
     model.eval()
-    return {task.name: evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device, pooling=pooling)
-            for task in tqdm(tasks, desc="tasks", disable=not progress)}
+    with use_threads(threads, work_params=module_params(model)):
+        return {task.name: evaluate_task(model, tokenizer, task, batch_size=batch_size, device=device,
+                                         pooling=pooling)
+                for task in tqdm(tasks, desc="tasks", disable=not progress)}
 
 
 def pooling_of(model_dir: str | Path) -> str:
@@ -97,26 +102,30 @@ def load_for_tasks(model_dir: str | Path, tasks: Sequence[Task], device: str = "
 
 def evaluate_models(model_dirs: Sequence[str | Path], tasks: Sequence[Task] | str | Path, *,
                     out: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
-                    progress: bool = True, tokenizer: str | Path | None = None) -> list[dict]:
+                    progress: bool = True, tokenizer: str | Path | None = None,
+                    threads: Threads = "auto") -> list[dict]:
     """Evaluate several model directories (loaded one at a time) on the same tasks.
 
     Returns one row per (model, task) with the fields of ``RESULT_FIELDS``, and writes them
     to ``out`` (``.json`` or ``.csv``) when given. ``tokenizer``: a directory whose tokenizer
-    every model uses instead of its own.
+    every model uses instead of its own. ``threads``: torch CPU threads, a number or "auto"
+    (chosen per model from its size and the machine's idle cores, ``mergelab.threads``).
     """
     if not isinstance(tasks, (list, tuple)):
         tasks = load_tasks(tasks)
     model_kind(tasks)
     check_run_settings(batch_size, device)
+    check_threads(threads)
     if out is not None:
         check_results_path(out)
     for model_dir in model_dirs:  # fail before the first (slow) load
         check_model_dir(model_dir, tokenizer)
     rows = []
     for model_dir in model_dirs:
-        model, loaded_tokenizer = load_for_tasks(model_dir, tasks, device=device, tokenizer=tokenizer)
-        scores = evaluate_model(model, loaded_tokenizer, tasks, batch_size=batch_size, device=device, progress=progress,
-                                pooling=pooling_of(model_dir))
+        with use_threads(threads, work_params=model_params(model_dir)) as count:
+            model, loaded_tokenizer = load_for_tasks(model_dir, tasks, device=device, tokenizer=tokenizer)
+            scores = evaluate_model(model, loaded_tokenizer, tasks, batch_size=batch_size, device=device,
+                                    progress=progress, pooling=pooling_of(model_dir), threads=count)
         del model
         for task in tasks:
             rows.append({"model": str(model_dir), "task": task.name, "category": task.category, "split": task.split,

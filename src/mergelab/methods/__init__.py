@@ -33,6 +33,7 @@ from mergelab.methods.ram import ram, ramplus_tl
 from mergelab.methods.sce import sce
 from mergelab.methods.slerp import slerp
 from mergelab.methods.sparsify import Sparsify
+from mergelab.methods.subspace import iso_c, iso_cts, subspace_notes, tsv
 from mergelab.methods.task_arithmetic import Consensus, generalized_task_arithmetic
 
 WEIGHT = Param("weight", None, per_model=True, required=True, help="model's weight w_i (required, as in mergekit)")
@@ -283,6 +284,36 @@ METHODS: dict[str, MergeMethod] = {
          Param("alpha", 0.5, low=0.0, high=1.0, help="weight of the fine-tuned model (models[0])")),
         "Xiao et al. 2024, LM-Cocktail (arXiv:2311.13534), Eq. 1", min_models=2,
         summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model", check=check_lm_cocktail,
+    ),
+    "tsv": MergeMethod(
+        "tsv", tsv,
+        (Param("alpha", 1.0, low=0.0, help="scale of the merged task matrix (the paper's 1.0)"),
+         Param("fraction", 0.0, low=0.0, high=1.0,
+               help="share of each task matrix's rank kept, k = int(fraction·r); 0 (default): 1/N, as the paper")),
+        "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging "
+        "(CVPR 2025, arXiv:2412.00081)", uses_base=True,
+        summary="per matrix: each τ_i's top-k singular triplets, U and V orthogonalized, Δ = U⊥ S V⊥ᵀ",
+        notes=subspace_notes,
+    ),
+    "iso_c": MergeMethod(
+        "iso_c", iso_c,
+        (Param("alpha", 1.0, low=0.0,
+               help="scale of the merged task matrix (the paper tunes it on validation data; FusionBench's default 1.0)"),),
+        "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging (ICML 2025, arXiv:2502.04959), Iso-C",
+        uses_base=True, summary="per matrix: Σ τ_i = U S Vᵀ with every singular value set to mean(S)",
+        notes=subspace_notes,
+    ),
+    "iso_cts": MergeMethod(
+        "iso_cts", iso_cts,
+        (Param("alpha", 1.0, low=0.0,
+               help="scale of the merged task matrix (the paper tunes it on validation data; FusionBench's default 1.0)"),
+         Param("common_fraction", 0.8, low=0.0, high=1.0,
+               help="share of the rank spanned by Σ τ_i's top directions (the paper's 0.8); the rest is split "
+                    "evenly over the tasks")),
+        "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging (ICML 2025, arXiv:2502.04959), Iso-CTS",
+        uses_base=True,
+        summary="Iso-C on Σ τ_i's top directions plus each τ_i's own top directions outside them",
+        notes=subspace_notes,
     ),
 }
 
