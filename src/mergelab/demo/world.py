@@ -9,16 +9,15 @@ task, which is where the forgetting shows: experts gain their task and lose held
 
 from __future__ import annotations
 
-import copy
+import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -26,7 +25,8 @@ from mergelab.config import read_records
 from mergelab.demo.tasks import VOCABULARY, WORLD_TASKS, as_training_pair, make_split
 from mergelab.demo.tiny import save
 from mergelab.lm import build_tokenizer, tiny_llama, train
-from mergelab.devices import torch_threads
+from mergelab.outdir import atomic_directory
+from mergelab.parallel import WorkerPool, worker_pool
 
 WORLD_VERSION = 1  # bump when tasks or training change, so stale caches are not reused
 
@@ -99,36 +99,60 @@ def default_cache() -> Path:
 
 
 def build_world(settings: WorldSettings = WorldSettings(), cache: str | Path | None = None,
-                log: Callable[[str], None] = print, force: bool = False) -> World:
-    """Build the world (or reuse the cached one with the same settings)."""
+                log: Callable[[str], None] = print, force: bool = False,
+                workers: int | WorkerPool | None = None) -> World:
+    """Build the world (or reuse the cached one with the same settings).
+
+    The experts and the multitask model are trained from the base in ``workers`` processes
+    (None: the usable cores; or a shared ``WorkerPool``), one torch thread each, with the seeds
+    of the sequential build, so the world is the same for any number of workers. One process
+    builds a cache entry at a time (a lock beside it); the others wait and reuse it. The entry
+    is published whole (``atomic_directory``) or not at all.
+    """
     root = Path(cache or default_cache()) / f"world-{settings.key()}"
-    manifest = root / "world.json"
-    if manifest.is_file() and not force:
-        data = json.loads(manifest.read_text())
-        log(f"  reusing the demo world in {root}")
-        return World(root, settings, data["scores"], data["build_seconds"])
+    if not force and (cached := _cached(root, settings, log)):
+        return cached
     root.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        world = World(tmp, settings)
-        _write_tasks(world)
-        with torch_threads(1):
-            _train_models(world, log)
+    with _build_lock(root, log):
+        if not force and (cached := _cached(root, settings, log)):  # another process built it meanwhile
+            return cached
+        started = time.perf_counter()
+        with atomic_directory(root, force=True) as tmp, worker_pool(workers) as pool:
+            world = World(tmp, settings)
+            _write_tasks(world)
+            _train_models(world, pool, log)
             log("  scoring every model on every task")
-            world.scores = score_matrix(world)
-        world.build_seconds = time.perf_counter() - started
-        (tmp / "world.json").write_text(json.dumps({"settings": asdict(settings), "scores": world.scores,
-                                                    "build_seconds": world.build_seconds}, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            world.scores = score_matrix(world, pool)
+            world.build_seconds = time.perf_counter() - started
+            (tmp / "world.json").write_text(json.dumps({"settings": asdict(settings), "scores": world.scores,
+                                                        "build_seconds": world.build_seconds}, indent=2) + "\n")
     world.root = root
     log(f"  world built in {world.build_seconds:.0f} s: {root}")
     return world
+
+
+def _cached(root: Path, settings: WorldSettings, log: Callable[[str], None]) -> World | None:
+    manifest = root / "world.json"
+    if not manifest.is_file():
+        return None
+    data = json.loads(manifest.read_text())
+    log(f"  reusing the demo world in {root}")
+    return World(root, settings, data["scores"], data["build_seconds"])
+
+
+@contextmanager
+def _build_lock(root: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<root>.lock`` (released by the kernel if the holder dies)."""
+    with open(root.parent / f".{root.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"  another process is building {root}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_tasks(world: World) -> None:
@@ -150,46 +174,61 @@ def training_pairs(world: World, names: list[str]) -> list[dict[str, str]]:
     return [pair for name in names for pair in world.pairs(name, "train")]
 
 
-def _train_models(world: World, log: Callable[[str], None]) -> None:
+def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) -> None:
     settings = world.settings
-    tokenizer = build_tokenizer(VOCABULARY)
     held_in = [t.name for t in WORLD_TASKS if t.split == "held_in"]
     general = [t.name for t in WORLD_TASKS if t.split != "held_in"]
-    base = tiny_llama(vocab_size=len(VOCABULARY), hidden=settings.hidden, layers=settings.layers,
-                      heads=settings.heads, intermediate=settings.intermediate, tie=True, seed=settings.seed)
-    tick = time.perf_counter()
-    train(base, tokenizer, training_pairs(world, general), settings.base_steps, lr=settings.base_lr,
-          batch_size=settings.batch_size, seed=settings.seed)
-    save(base, tokenizer, world.base)
-    log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)}), "
-        f"{time.perf_counter() - tick:.0f} s")
-    for index, (name, path) in enumerate(world.experts.items()):
-        tick = time.perf_counter()
-        expert = copy.deepcopy(base)
-        train(expert, tokenizer, training_pairs(world, [name]), settings.expert_steps, lr=settings.expert_lr,
-              batch_size=settings.batch_size, seed=settings.seed + 1 + index)
-        save(expert, tokenizer, path)
-        log(f"  expert '{name}': {settings.expert_steps} steps, {time.perf_counter() - tick:.0f} s")
-    tick = time.perf_counter()
-    multitask = copy.deepcopy(base)
-    train(multitask, tokenizer, training_pairs(world, held_in), settings.multitask_steps, lr=settings.expert_lr,
-          batch_size=settings.batch_size, seed=settings.seed + 100)
-    save(multitask, tokenizer, world.multitask)
-    log(f"  multitask: {settings.multitask_steps} steps on all held-in tasks, {time.perf_counter() - tick:.0f} s")
+    seconds = pool.submit(train_world_model, world, None, world.base, general, settings.base_steps,
+                          settings.base_lr, settings.seed).result()
+    log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)}), {seconds:.0f} s")
+    # every other model starts from the saved base (bit for bit the trained one) with its own seed
+    units = [(f"expert '{name}'", [name], settings.expert_steps, settings.seed + 1 + index, path)
+             for index, (name, path) in enumerate(world.experts.items())]
+    units.append(("multitask", held_in, settings.multitask_steps, settings.seed + 100, world.multitask))
+    runs = pool.imap(train_world_model, [(world, world.base, path, names, steps, settings.expert_lr, seed)
+                                         for _, names, steps, seed, path in units])
+    for (label, names, steps, _, _), seconds in zip(units, runs):
+        what = "all held-in tasks" if label == "multitask" else f"'{names[0]}'"
+        log(f"  {label}: {steps} steps on {what}, {seconds:.0f} s")
 
 
-def score_matrix(world: World) -> dict[str, dict[str, float]]:
-    """Every model's test score on every task."""
+def train_world_model(world: World, start: Path | None, out: Path, tasks: list[str], steps: int, lr: float,
+                      seed: int) -> float:
+    """Train one model of the world on ``tasks`` (from scratch, or from the model saved in
+    ``start``) and save it in ``out``; returns the seconds it took. A unit of ``build_world``."""
+    from transformers import AutoModelForCausalLM
+
+    tick = time.perf_counter()
+    settings = world.settings
+    tokenizer = build_tokenizer(VOCABULARY)
+    if start is None:
+        model = tiny_llama(vocab_size=len(VOCABULARY), hidden=settings.hidden, layers=settings.layers,
+                           heads=settings.heads, intermediate=settings.intermediate, tie=True, seed=settings.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(start)
+    train(model, tokenizer, training_pairs(world, tasks), steps, lr=lr, batch_size=settings.batch_size, seed=seed)
+    save(model, tokenizer, out)
+    return time.perf_counter() - tick
+
+
+def world_models(world: World) -> dict[str, Path]:
+    """Every model of the world by name: base, expert-<task>..., multitask."""
+    return {"base": world.base, **{f"expert-{k}": v for k, v in world.experts.items()}, "multitask": world.multitask}
+
+
+def score_matrix(world: World, workers: int | WorkerPool | None = 1) -> dict[str, dict[str, float]]:
+    """Every model's test score on every task (one model per unit of work)."""
+    models = world_models(world)
+    with worker_pool(workers) as pool:
+        rows = pool.map(score_model, [(path, world.tasks_file("test")) for path in models.values()])
+    return {name: scores for name, scores in zip(models, rows)}
+
+
+def score_model(model_dir: Path, tasks_file: Path) -> dict[str, float]:
+    """One model's test score on every task of a tasks file."""
     from mergelab.evaluate import evaluate_models
 
-    models = {"base": world.base, **{f"expert-{k}": v for k, v in world.experts.items()},
-              "multitask": world.multitask}
-    rows = evaluate_models(list(models.values()), world.tasks("test"), progress=False, batch_size=64)
-    names = {str(path): name for name, path in models.items()}
-    scores: dict[str, dict[str, float]] = {}
-    for row in rows:
-        scores.setdefault(names[row["model"]], {})[row["task"]] = row["score"]
-    return scores
+    return {r["task"]: r["score"] for r in evaluate_models([model_dir], tasks_file, progress=False, batch_size=64)}
 
 
 def forgetting_table(world: World) -> str:
