@@ -8,10 +8,11 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import save_model
 
 from mergelab import MergelabError
 from mergelab.cli import main
-from mergelab.lm import make_examples
+from mergelab.lm import make_examples, tiny_llama
 from mergelab.experiments import RESULT_COLUMNS, load_spec, pick_experts, plan_cells, run_grid
 from mergelab.experiments import runner as grid_runner
 
@@ -56,7 +57,7 @@ def test_picks_are_deterministic_nested_and_shared_across_methods(spec_file):
 
 def test_grid_writes_the_results_contract_and_normalizes(spec_file, tmp_path):
     out = tmp_path / "out"
-    run_grid(spec_file, out, log=lambda *_: None)
+    run_grid(spec_file, out, workers=1, log=lambda *_: None)
     rows = read(out / "results.csv")
     assert tuple(rows[0].keys()) == RESULT_COLUMNS
     base = {r["task"]: float(r["score"]) for r in rows if r["method"] == "base"}
@@ -81,18 +82,18 @@ def test_grid_writes_the_results_contract_and_normalizes(spec_file, tmp_path):
 
 def test_grid_resumes_done_cells(spec_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_grid(spec_file, out, log=lambda *_: None)
+    run_grid(spec_file, out, workers=1, log=lambda *_: None)
     before = read(out / "results.csv")
     calls = []
     original = grid_runner.run_cell
     monkeypatch.setattr(grid_runner, "run_cell", lambda *args, **kw: calls.append(args) or original(*args, **kw))
-    run_grid(spec_file, out, log=lambda *_: None)
+    run_grid(spec_file, out, workers=1, log=lambda *_: None)
     assert calls == [] and read(out / "results.csv") == before
     kept = [r for r in before if not (r["method"] == "ties" and r["seed"] == "1")]
     from mergelab.evaluate import write_rows
 
     write_rows(kept, out / "results.csv", RESULT_COLUMNS)
-    run_grid(spec_file, out, log=lambda *_: None)
+    run_grid(spec_file, out, workers=1, log=lambda *_: None)
     assert len(calls) == 2  # ties × n ∈ {1, 2} for seed 1
     assert len(read(out / "results.csv")) == len(before)
 
@@ -160,6 +161,50 @@ def test_grid_cli(spec_file, tmp_path):
 
 
 @pytest.mark.slow
+def test_grid_cells_in_worker_processes_give_the_sequential_results(spec_file, tmp_path):
+    """Each cell has its own seed (DARE-TIES' masks included), so two workers write the very
+    results.csv, table and summary that one process writes."""
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["methods"].append({"name": "dare", "merge_method": "dare_ties", "parameters": {"density": 0.5}})
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_grid(spec_file, tmp_path / "one", workers=1, log=lambda *_: None)
+    run_grid(spec_file, tmp_path / "two", workers=2, log=lambda *_: None)
+    for name in ("results.csv", "table.md", "summary.json"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    dare = [r for r in read(tmp_path / "two" / "results.csv") if r["method"] == "dare"]
+    assert len(dare) > 0 and len({r["score"] for r in dare}) > 1
+
+
+@pytest.mark.slow
+def test_a_cell_failing_in_a_worker_is_the_same_error_and_leaves_nothing(spec_file, tmp_path):
+    """An expert of another width passes the spec's checks (a model directory) and fails in its
+    cell's merge plan, inside a worker: the parent raises that MergelabError, word for word."""
+    wide = save_model(tiny_llama(hidden=96, seed=3), tmp_path / "wide")
+    spec = yaml.safe_load(spec_file.read_text())
+    spec["experts"][1]["model"] = str(wide)
+    spec.update(methods=spec["methods"][:1], n_experts=[3], seeds=[0], multitask=None)
+    spec_file.write_text(yaml.safe_dump(spec))
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(MergelabError) as caught:
+            run_grid(spec_file, tmp_path / f"w{workers}" / "grid", workers=workers, log=lambda *_: None)
+        errors.append(str(caught.value))
+        grid = tmp_path / f"w{workers}" / "grid"  # the reference rows, to resume from; no merge left behind
+        assert [str(p.relative_to(grid)) for p in grid.rglob("*") if not p.is_dir()] == ["results.csv"]
+        assert {r["method"] for r in read(grid / "results.csv")} == {"base", "expert"}
+    assert errors[0] == errors[1] and "shape" in errors[0]
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_a_bad_worker_count_is_refused_before_any_work(spec_file, tmp_path, workers):
+    with pytest.raises(MergelabError, match="workers must be a whole number of processes, 1 or more"):
+        run_grid(spec_file, tmp_path / "out", workers=workers, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["grid", str(spec_file), "--out", str(tmp_path / "cli"), "--workers", "0"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --workers must be") and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.slow
 def test_ray_executor_matches_local(spec_file, tmp_path):
     spec = yaml.safe_load(spec_file.read_text())
     spec.update(n_experts=[2], seeds=[0], methods=spec["methods"][:1], multitask=None)
@@ -192,7 +237,7 @@ def test_a_merge_scoring_zero_accuracy_is_normalized_to_zero_in_csv_and_table(sp
 
     monkeypatch.setattr(grid_runner, "evaluate_models", references_score_half_merges_zero)
     out = tmp_path / "zero"
-    run_grid(spec_file, out, log=lambda *_: None)
+    run_grid(spec_file, out, workers=1, log=lambda *_: None)  # in this process, where the patch is
     merged_rows = [r for r in read(out / "results.csv") if r["method"] == "avg"]
     assert merged_rows and all(r["normalized"] == "0.0" and r["reference_score"] == "0.5" for r in merged_rows)
     summary = json.loads((out / "summary.json").read_text())

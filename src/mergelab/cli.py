@@ -226,6 +226,9 @@ def _cocktail_option_table() -> list[tuple[tuple[str, ...], object]]:
                             type=click.Choice(["auto", "full", "mono", "no_finetune", "unified", "blackbox"]))),
         (("merge", "weights"), click.option("--alpha", default=0.5, show_default=True,
                                             help="Weight of the fine-tuned model.")),
+        (("merge",), click.option("--output", default="model", show_default=True,
+                                  type=click.Choice(["model", "adapter"]), help="adapter: the models are PEFT adapters of one base; write their cocktail as "
+                                       "one adapter.")),
         (_ALL, click.option("--temperature", default=5.0, show_default=True, help="τ of the softmax over -loss.")),
         (_ALL, click.option("--model-type", default="decoder", show_default=True,
                             type=click.Choice(["decoder", "encoder"]))),
@@ -323,6 +326,12 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
     click.echo(f"curve written to {Path(out_dir) / 'sweep.png'}")
 
 
+_workers_option = click.option(
+    "--workers", type=int, default=None,
+    help="Processes for the independent work (grid cells, experts, seeds), one torch thread each; the results do "
+         "not depend on it.  [default: the usable cores]")
+
+
 @main.command()
 @click.argument("spec", required=False, type=click.Path(path_type=Path))
 @click.option("--demo", is_flag=True, help="Run the built-in grid on the demo world (built and cached if needed).")
@@ -330,19 +339,22 @@ def cocktail_sweep(out_dir, tasks, target, alphas, keep_models, **options) -> No
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
 @click.option("--address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--keep-models", is_flag=True, help="Keep each merged model under OUT/models.")
-def grid(spec, demo, out, executor, address, keep_models) -> None:
+@_workers_option
+def grid(spec, demo, out, executor, address, keep_models, workers) -> None:
     """Run a merging grid (method × n_experts × seed) from SPEC.yml, or --demo."""
     from mergelab.experiments import run_grid
+    from mergelab.parallel import check_workers
 
     if demo == (spec is not None):
         raise MergelabError("give either a SPEC file or --demo (not both)")
+    workers = check_workers(workers, "--workers")
     if demo:
         from mergelab.demo import demo_spec
         from mergelab.demo.world import build_world
 
-        spec = demo_spec(build_world())
+        spec = demo_spec(build_world(workers=workers))
     results = run_grid(spec, out, executor=executor, address=address, keep_models=keep_models,
-                       threads=1 if demo else None)
+                       threads=1 if demo else None, workers=workers)
     click.echo((Path(out) / "table.md").read_text())
     click.echo(f"results in {results}; plot in {Path(out) / 'grid.png'}")
 
@@ -382,11 +394,13 @@ def _describe_models(method) -> str:
 @click.option("--out", "out", default="mergelab-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="A much smaller world and shorter runs (a smoke test, not a result).")
 @click.option("--quiet", is_flag=True)
-def demo(out: Path, quick: bool, quiet: bool) -> None:
+@_workers_option
+def demo(out: Path, quick: bool, quiet: bool, workers: int | None) -> None:
     """Re-run the three papers' central experiments on the built-in demo world; write a report."""
     from mergelab.demo import run_demo
+    from mergelab.parallel import check_workers
 
-    run_demo(out, quiet=quiet, quick=quick)
+    run_demo(out, quiet=quiet, quick=quick, workers=check_workers(workers, "--workers"))
     click.echo(f"report written to {Path(out) / 'report.md'}")
 
 
@@ -396,20 +410,72 @@ def demo(out: Path, quick: bool, quiet: bool) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the results.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
 @click.option("--quiet", is_flag=True)
+@_workers_option
 @_threads_option
-def sfa(spec, digits, out, force, quiet, threads) -> None:
+def sfa(spec, digits, out, force, quiet, workers, threads) -> None:
     """Train on the task stream a YAML SPEC describes with SFA and the baselines (or, with
     --digits, run the split-digits experiment); write results.json, results.md and plots."""
     from mergelab.continual import run_spec
+    from mergelab.parallel import check_workers
     from mergelab.studies.digits import run_digits_experiment
 
     if digits == (spec is not None):
         raise MergelabError("give either a SPEC file or --digits (not both)")
+    if workers is not None and not digits:
+        raise MergelabError("--workers applies to --digits (its seeds run in parallel); a SPEC's stream runs in "
+                            "one process")
     if threads != "auto" and digits:
         raise MergelabError("--threads applies to a SPEC's stream; --digits runs one torch thread per process")
-    path = run_digits_experiment(out, force=force, quiet=quiet) if digits \
-        else run_spec(spec, out, force, quiet, threads=threads)
+    path = run_digits_experiment(out, force=force, quiet=quiet, workers=check_workers(workers, "--workers")) \
+        if digits else run_spec(spec, out, force, quiet, threads=threads)
     click.echo(f"results written to {path}")
+
+
+# -- adapters (mergelab.adapters) ------------------------------------------------------------
+@main.group()
+def adapters() -> None:
+    """LoRA/PEFT adapters: merge adapters into one, extract one from a fine-tune."""
+
+
+@adapters.command(name="merge")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of DARE's random masks.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only after the merge succeeded).")
+def adapters_merge(config: Path, out_dir: Path, seed: int, force: bool) -> None:
+    """Merge the PEFT LoRA adapters a CONFIG.yml lists into one adapter in OUT_DIR
+    (merge_method: a PEFT combination type such as linear, cat, svd, ties, dare_ties_svd)."""
+    from mergelab.adapters.combine import merge_adapters_config
+    from mergelab.config import load_config
+
+    options = MergeOptions.from_kwargs(seed=seed, force=force)
+    path = merge_adapters_config(load_config(config).model_copy(update={"output": "adapter"}), out_dir, options)
+    click.echo(f"merged adapter written to {path}")
+
+
+@adapters.command(name="extract")
+@click.argument("finetuned")
+@click.option("--base", required=True, help="The model FINETUNED was fine-tuned from.")
+@click.option("--rank", type=int, default=None, help="LoRA rank of every layer.")
+@click.option("--energy", type=float, default=None,
+              help="Instead of --rank: per layer, keep this share of the task vector's squared norm (e.g. 0.9).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only after the extraction succeeded).")
+@click.option("--quiet", is_flag=True)
+def adapters_extract(finetuned: str, base: str, rank, energy, out: Path, force: bool, quiet: bool) -> None:
+    """Extract a PEFT LoRA adapter that turns --base into FINETUNED (truncated SVD of each task
+    vector); print each layer's rank and relative reconstruction error."""
+    from mergelab.adapters.extract import extract_lora
+
+    report = extract_lora(finetuned, base, out, rank=rank, energy=energy, force=force, quiet=quiet)
+    if not quiet:
+        width = max((len(m["name"]) for m in report["modules"]), default=6)
+        click.echo(f"{'module':{width}}  rank  relative error")
+        for module in report["modules"]:
+            click.echo(f"{module['name']:{width}}  {module['rank']:>4}  {module['relative_error']:.4f}")
+        if report["modules_to_save"]:
+            click.echo(f"saved whole (modules_to_save): {', '.join(report['modules_to_save'])}")
+    click.echo(f"adapter written to {out} (overall relative error {report['overall_relative_error']:.4f})")
 
 
 if __name__ == "__main__":

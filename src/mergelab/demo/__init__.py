@@ -118,72 +118,100 @@ QUICK_WORLD = dict(train_examples=300, validation_examples=100, test_examples=40
 
 
 def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool = False,
-             cache: str | Path | None = None) -> dict:
+             cache: str | Path | None = None, workers: int | None = None) -> dict:
     """Run every part, write ``OUT/report.md`` and ``OUT/results.json``; returns the results.
 
     ``quick`` runs the same pipeline on a much smaller world, fewer seeds and shorter
     training (about a minute; the numbers are then not meant to reproduce anything).
+    ``workers``: processes for the independent work (None: the usable cores; 1: all in this
+    process), one torch thread each; the numbers are the same for any count. Split digits and
+    the SFA stream on the demo LM run beside the other parts, each as one unit of work.
     """
     from transformers.utils import logging as hf_logging
 
-    from mergelab.continual import run_spec
     from mergelab.demo.report import write_demo_report
     from mergelab.demo.studies import cocktail_study, every_method_study
-    from mergelab.demo.world import build_world
+    from mergelab.demo.world import WorldSettings, build_world
     from mergelab.experiments import run_grid
     from mergelab.outdir import check_output_dir
-    from mergelab.studies.digits import run_digits_experiment
+    from mergelab.parallel import check_workers, worker_pool
 
     hf_logging.disable_progress_bar()
+    workers = check_workers(workers)
     out = check_output_dir(out, force=True)  # the demo writes into an existing directory; a file or an
     out.mkdir(parents=True, exist_ok=True)   # unwritable place is refused here, before any work
     log: Callable[[str], None] = (lambda *_: None) if quiet else print
-    results: dict = {"seconds": {}}
+    results: dict = {"workers": workers, "seconds": {}}
     started = time.perf_counter()
 
     def part(name: str, title: str):
         log(f"[{name}] {title}")
         return time.perf_counter()
 
-    with torch_threads(1):  # tiny models: one thread is fastest and never stalls on a busy machine
-        tick = part("world", "building (or reusing) the demo world")
-        from mergelab.demo.world import WorldSettings
+    # tiny models: one thread per process is fastest and never stalls on a busy machine
+    with worker_pool(workers) as pool, torch_threads(1):
+        log(f"[digits] SFA on split digits (scikit-learn), beside the other parts ({workers} "
+            f"worker{'s' * (workers > 1)})")
+        quick_digits = dict(seeds=(0,), sfa_beta=(0.5,), l2_lambda=(0.1,), ewc_lambda=(1e3,)) if quick else {}
+        digits = pool.submit(timed, run_digits_experiment_here, out / "sfa-digits", **quick_digits)
 
-        world = build_world(WorldSettings(**QUICK_WORLD) if quick else WorldSettings(), cache=cache, log=log)
+        tick = part("world", "building (or reusing) the demo world")
+        world = build_world(WorldSettings(**QUICK_WORLD) if quick else WorldSettings(), cache=cache, log=log,
+                            workers=pool)
         results["world"] = {"root": str(world.root), "scores": world.scores, "build_seconds": world.build_seconds}
         results["seconds"]["world"] = time.perf_counter() - tick
 
+        log(f"[sfa] SFA on the demo LM: learn {' then '.join(SFA_TASKS)}, beside the other parts")
+        spec = sfa_lm_spec(world, out / "sfa-inputs", steps=20 if quick else 150)
+        (out / "sfa-inputs" / "spec.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        sfa_lm = pool.submit(timed, run_spec_here, spec, out / "sfa-lm")
+
         tick = part("methods", "every merge method on base + three experts")
-        results["methods"] = every_method_study(world, out / "methods", log)
+        results["methods"] = every_method_study(world, out / "methods", log, workers=pool)
         results["seconds"]["methods"] = time.perf_counter() - tick
 
         tick = part("cocktail", "LM-Cocktail: three targets, few-shot study, α sweep")
-        results["cocktail"] = cocktail_study(world, out / "cocktail", log,
-                                             alphas=(0.0, 0.5, 1.0) if quick else None)
+        results["cocktail"] = cocktail_study(world, out / "cocktail", log, alphas=(0.0, 0.5, 1.0) if quick else None,
+                                             workers=pool)
         results["seconds"]["cocktail"] = time.perf_counter() - tick
 
         tick = part("grid", "merging at scale: 4 methods × {2, 4} experts × 2 seeds")
         shutil.rmtree(out / "grid", ignore_errors=True)
-        spec = demo_spec(world, n_experts=(2, 4), seeds=(0,) if quick else (0, 1))
-        run_grid(spec, out / "grid", log=lambda *_: None)
+        grid_spec = demo_spec(world, n_experts=(2, 4), seeds=(0,) if quick else (0, 1))
+        run_grid(grid_spec, out / "grid", workers=pool, log=lambda *_: None)
         results["grid"] = json.loads((out / "grid" / "summary.json").read_text())
         results["seconds"]["grid"] = time.perf_counter() - tick
 
-        tick = part("sfa", f"SFA on the demo LM: learn {' then '.join(SFA_TASKS)}")
-        spec = sfa_lm_spec(world, out / "sfa-inputs", steps=20 if quick else 150)
-        (out / "sfa-inputs" / "spec.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        run_spec(spec, out / "sfa-lm", force=True, quiet=True)
+        results["seconds"]["sfa_lm"] = sfa_lm.result()
         results["sfa_lm"] = json.loads((out / "sfa-lm" / "results.json").read_text())
-        results["seconds"]["sfa_lm"] = time.perf_counter() - tick
-
-        tick = part("digits", "SFA on split digits (scikit-learn)")
-        quick_digits = dict(seeds=(0,), sfa_beta=(0.5,), l2_lambda=(0.1,), ewc_lambda=(1e3,)) if quick else {}
-        run_digits_experiment(out / "sfa-digits", force=True, quiet=True, **quick_digits)
+        log(f"[sfa] done ({results['seconds']['sfa_lm']:.0f} s of work)")
+        results["seconds"]["sfa_digits"] = digits.result()
         results["sfa_digits"] = json.loads((out / "sfa-digits" / "results.json").read_text())
-        results["seconds"]["sfa_digits"] = time.perf_counter() - tick
+        log(f"[digits] done ({results['seconds']['sfa_digits']:.0f} s of work)")
 
     results["seconds"]["total"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_demo_report(results, out)
     log(f"\nreport: {out / 'report.md'} ({results['seconds']['total']:.0f} s in all)")
     return results
+
+
+def timed(fn: Callable, *args, **kwargs) -> float:
+    """Run ``fn``; the seconds it took (the demo's parts that run beside the others)."""
+    tick = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - tick
+
+
+def run_digits_experiment_here(out: Path, **config) -> None:
+    """Split digits as one unit of work: every seed in this process."""
+    from mergelab.studies.digits import run_digits_experiment
+
+    run_digits_experiment(out, force=True, quiet=True, workers=1, **config)
+
+
+def run_spec_here(spec: dict, out: Path) -> None:
+    """The SFA stream on the demo LM as one unit of work."""
+    from mergelab.continual import run_spec
+
+    run_spec(spec, out, force=True, quiet=True)

@@ -202,7 +202,8 @@ def write_demo_report(results: dict, out) -> None:
         "# mergelab demo report", "",
         f"Every number below was measured by this run ({seconds['total']:.0f} s in all; world "
         f"{'built' if seconds['world'] > 5 else 'reused from the cache'}: {world['root']}). Machine timings: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total") + ".", "",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
+        + f" (on {results.get('workers', 1)} worker processes; both SFA parts ran beside the others).", "",
         "## The demo world", "",
         "Twelve generated tasks (8 held-in with one expert each, 4 held-out that only the base was trained on). "
         "Test scores of the base, every expert and the multitask model — fine-tuning's forgetting is visible "

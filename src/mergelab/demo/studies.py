@@ -14,6 +14,7 @@ from typing import Callable
 from mergelab.cocktail import alpha_sweep, cocktail
 from mergelab.demo.world import World
 from mergelab.evaluate import evaluate_models
+from mergelab.parallel import WorkerPool, worker_pool
 
 COCKTAIL_TARGETS = ("add", "review", "lookup")
 FEW_SHOT = (5, 50, 100)
@@ -30,58 +31,97 @@ def split_scores(scores: dict[str, float], target: str) -> dict[str, float]:
     return {"target": scores[target], "others": sum(others) / len(others)}
 
 
-def every_method_study(world: World, out: Path, log: Callable[[str], None]) -> dict:
-    """Base + three experts merged with every registered method, scored on every task."""
-    from mergelab import merge
+def every_method_study(world: World, out: Path, log: Callable[[str], None],
+                       workers: int | WorkerPool | None = 1) -> dict:
+    """Base + three experts merged with every registered method, scored on every task (one
+    Fisher estimate, then one method, per unit of work)."""
     from mergelab.demo import demo_configs
-    from mergelab.fisher import estimate_fisher
 
     experts = {t: world.experts[t] for t in COCKTAIL_TARGETS}
-    fishers = {}
-    for task, path in experts.items():
-        texts = [f"{e['input']} {e['output']}" for e in world.pairs(task, "validation", 32)]
-        fishers[task] = estimate_fisher(path, texts, out / "fisher" / f"{task}.safetensors", force=True)
     rows = {"base": world.scores["base"], **{f"expert-{t}": world.scores[f"expert-{t}"] for t in experts}}
-    for method, config in demo_configs({"base": world.base, **experts}, fishers, list(experts)).items():
-        target = out / "models" / method
-        merge(config, target, force=True, quiet=True)
-        rows[method] = score_all(target, world)
-        shutil.rmtree(target)
-        log(f"    {method}")
+    with worker_pool(workers) as pool:
+        fishers = dict(zip(experts, pool.map(fisher_of, [(world, task, path, out / "fisher" / f"{task}.safetensors")
+                                                         for task, path in experts.items()])))
+        configs = demo_configs({"base": world.base, **experts}, fishers, list(experts))
+        scored = pool.imap(merge_and_score, [(world, config, out / "models" / method)
+                                             for method, config in configs.items()])
+        for method, scores in zip(configs, scored):
+            rows[method] = scores
+            log(f"    {method}")
     return {"experts": list(experts), "scores": rows}
 
 
-def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=None) -> dict:
+def fisher_of(world: World, task: str, model_dir: Path, out_path: Path) -> Path:
+    """The diagonal Fisher of one expert on 32 validation examples of its task (a unit of work)."""
+    from mergelab.fisher import estimate_fisher
+
+    texts = [f"{e['input']} {e['output']}" for e in world.pairs(task, "validation", 32)]
+    return estimate_fisher(model_dir, texts, out_path, force=True)
+
+
+def merge_and_score(world: World, config: dict, target: Path) -> dict[str, float]:
+    """Merge ``config`` into ``target``, score it on every task, delete it (a unit of work)."""
+    from mergelab import merge
+
+    merge(config, target, force=True, quiet=True)
+    try:
+        return score_all(target, world)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=None,
+                   workers: int | WorkerPool | None = 1) -> dict:
     """For each target task: base, expert, LM-Cocktail (full, 5 examples), mono-specialist;
-    the few-shot study (5 / 50 / 100 examples); and the α sweep on the first target."""
-    results = {"targets": {}, "sweep": None}
-    for target in COCKTAIL_TARGETS:
-        expert = world.experts[target]
-        peers = [path for name, path in world.experts.items() if name != target]
-        entry = {"base": split_scores(world.scores["base"], target),
-                 "expert": split_scores(world.scores[f"expert-{target}"], target), "few_shot": {}}
-        for count in FEW_SHOT:
-            merged = out / "models" / f"{target}-full-{count}"
-            decision = cocktail(merged, finetuned=expert, base=world.base, peers=peers,
-                                examples=world.pairs(target, "validation", count), recipe="full", alpha=0.5,
-                                force=True)
-            scores = split_scores(score_all(merged, world), target)
-            shutil.rmtree(merged)
-            entry["few_shot"][str(count)] = {**scores, "weights": dict(zip(["base", *[Path(p).name for p in peers]],
-                                                                           decision.weights))}
-        entry["cocktail"] = {k: v for k, v in entry["few_shot"]["5"].items() if k != "weights"}
-        merged = out / "models" / f"{target}-mono"
-        cocktail(merged, finetuned=expert, base=world.base, recipe="mono", alpha=0.5, force=True)
-        entry["mono"] = split_scores(score_all(merged, world), target)
-        shutil.rmtree(merged)
-        results["targets"][target] = entry
-        log(f"    target '{target}': expert {entry['expert']['target']:.2f}/{entry['expert']['others']:.2f}, "
-            f"cocktail {entry['cocktail']['target']:.2f}/{entry['cocktail']['others']:.2f} (target/others)")
-    target = COCKTAIL_TARGETS[0]
-    rows = alpha_sweep(out / "sweep", finetuned=world.experts[target], base=world.base, target=[target],
-                       evaluate=lambda model_dir: score_all(model_dir, world), **({"alphas": alphas} if alphas else {}))
-    results["sweep"] = {"target": target, "rows": [{"alpha": r["alpha"], "target": r["target"],
-                                                    "others": r["general"]} for r in rows],
+    the few-shot study (5 / 50 / 100 examples); and the α sweep on the first target. Each
+    merge (and the sweep) is a unit of work."""
+    sweep_target = COCKTAIL_TARGETS[0]
+    with worker_pool(workers) as pool:
+        sweep = pool.submit(sweep_of, world, sweep_target, out / "sweep", alphas)
+        few_shot = pool.imap(cocktail_of, [(world, target, count, out / "models" / f"{target}-full-{count}")
+                                           for target in COCKTAIL_TARGETS for count in FEW_SHOT])
+        mono = pool.imap(cocktail_of, [(world, target, None, out / "models" / f"{target}-mono")
+                                       for target in COCKTAIL_TARGETS])
+        results = {"targets": {}, "sweep": None}
+        for target in COCKTAIL_TARGETS:
+            entry = {"base": split_scores(world.scores["base"], target),
+                     "expert": split_scores(world.scores[f"expert-{target}"], target),
+                     "few_shot": {str(count): next(few_shot) for count in FEW_SHOT}}
+            entry["cocktail"] = {k: v for k, v in entry["few_shot"]["5"].items() if k != "weights"}
+            results["targets"][target] = entry
+        for target in COCKTAIL_TARGETS:
+            entry = results["targets"][target]
+            entry["mono"] = {k: v for k, v in next(mono).items() if k != "weights"}
+            log(f"    target '{target}': expert {entry['expert']['target']:.2f}/{entry['expert']['others']:.2f}, "
+                f"cocktail {entry['cocktail']['target']:.2f}/{entry['cocktail']['others']:.2f} (target/others)")
+        rows = sweep.result()
+    results["sweep"] = {"target": sweep_target, "rows": [{"alpha": r["alpha"], "target": r["target"],
+                                                          "others": r["general"]} for r in rows],
                         "plot": str(out / "sweep" / "sweep.png")}
     shutil.rmtree(out / "models", ignore_errors=True)
     return results
+
+
+def cocktail_of(world: World, target: str, count: int | None, merged: Path) -> dict:
+    """LM-Cocktail for one target (a unit of work): the full recipe with weights from ``count``
+    validation examples, or (``count=None``) the mono-specialist; scored, then deleted."""
+    expert = world.experts[target]
+    peers = [path for name, path in world.experts.items() if name != target]
+    if count is None:
+        decision = cocktail(merged, finetuned=expert, base=world.base, recipe="mono", alpha=0.5, force=True)
+        names = ["base"]
+    else:
+        decision = cocktail(merged, finetuned=expert, base=world.base, peers=peers,
+                            examples=world.pairs(target, "validation", count), recipe="full", alpha=0.5, force=True)
+        names = ["base", *[Path(p).name for p in peers]]
+    try:
+        scores = split_scores(score_all(merged, world), target)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    return {**scores, "weights": dict(zip(names, decision.weights))}
+
+
+def sweep_of(world: World, target: str, out: Path, alphas=None) -> list[dict]:
+    """Figure 1's α sweep of the mono-specialist on ``target`` (a unit of work)."""
+    return alpha_sweep(out, finetuned=world.experts[target], base=world.base, target=[target],
+                       evaluate=lambda model_dir: score_all(model_dir, world), **({"alphas": alphas} if alphas else {}))

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, normalized_performance, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
 from mergelab.loading import first_line
 from mergelab.outdir import check_output_dir
 from mergelab.methods import get_method
+from mergelab.parallel import WorkerPool, check_workers, worker_pool
 
 RESULT_COLUMNS = ("method", "n_experts", "seed", "experts", "task", "category", "split", "score",
                   "reference_score", "normalized")
@@ -59,7 +59,7 @@ def plan_cells(spec: GridSpec) -> list[Cell]:
 def merge_config(spec: GridSpec, method_name: str, experts: tuple[str, ...]) -> dict:
     method = next(m for m in spec.methods if m.name == method_name)
     models = {e.name: e.model for e in spec.experts}
-    parameters = dict(method.parameters)
+    parameters = method.parameters_for(len(experts))
     registered = get_method(method.merge_method)
     if registered.param("weight") is not None and registered.param("weight").required:
         parameters.setdefault("weight", 1.0)  # the grid weighs its experts equally unless the spec says otherwise
@@ -67,6 +67,9 @@ def merge_config(spec: GridSpec, method_name: str, experts: tuple[str, ...]) -> 
               "parameters": parameters}
     if registered.uses_base:
         config["base_model"] = spec.base
+    from mergelab.vocab import union_if_vocabularies_differ  # experts that differ only by added tokens
+
+    config.update(union_if_vocabularies_differ([spec.base, *(models[e] for e in experts)]))
     return config
 
 
@@ -90,22 +93,24 @@ def run_cell(spec_data: dict, cell_data: dict, models_dir: str, keep_models: boo
              "task": r["task"], "category": r["category"], "split": r["split"], "score": r["score"]} for r in rows]
 
 
-def reference_rows(spec: GridSpec, tasks) -> list[dict]:
-    """Base on every task, each expert on its own task, multitask on every task."""
-    rows = []
-
-    def scored(model: str, chosen, method: str, experts: str = "") -> None:
-        for r in evaluate_models([model], chosen, batch_size=spec.batch_size, progress=False):
-            rows.append({"method": method, "n_experts": "", "seed": "", "experts": experts, "task": r["task"],
-                         "category": r["category"], "split": r["split"], "score": r["score"]})
-
-    scored(spec.base, tasks, "base")
+def reference_rows(spec: GridSpec, tasks, workers: int | WorkerPool | None = 1) -> list[dict]:
+    """Base on every task, each expert on its own task, multitask on every task (one model per
+    unit of work)."""
     by_name = {t.name: t for t in tasks}
-    for expert in spec.experts:
-        scored(expert.model, [by_name[expert.task]], "expert", expert.name)
+    units = [(spec.base, tasks, "base", "")]
+    units += [(expert.model, [by_name[expert.task]], "expert", expert.name) for expert in spec.experts]
     if spec.multitask:
-        scored(spec.multitask, tasks, "multitask")
-    return rows
+        units.append((spec.multitask, tasks, "multitask", ""))
+    with worker_pool(workers) as pool:
+        scored = pool.map(score_reference, [(model, chosen, spec.batch_size) for model, chosen, _, _ in units])
+    return [{"method": method, "n_experts": "", "seed": "", "experts": experts, "task": r["task"],
+             "category": r["category"], "split": r["split"], "score": r["score"]}
+            for (_, _, method, experts), rows in zip(units, scored) for r in rows]
+
+
+def score_reference(model: str, tasks, batch_size: int) -> list[dict]:
+    """One reference model's scores (a unit of work)."""
+    return evaluate_models([model], tasks, batch_size=batch_size, progress=False)
 
 
 def add_normalized(rows: list[dict], tasks) -> None:
@@ -142,27 +147,34 @@ def read_results(path: Path) -> list[dict]:
 
 def run_grid(spec: GridSpec | str | Path | dict, out_dir: str | Path, *, executor: str = "local",
              address: str | None = None, keep_models: bool = False, threads: int | None = None,
-             log: Callable[[str], None] = print) -> Path:
+             workers: int | WorkerPool | None = None, log: Callable[[str], None] = print) -> Path:
     """Run every cell not already in ``out_dir/results.csv``; write results, table and plots.
 
-    ``threads`` sets torch's thread count for local work (1 is fastest for tiny models; Ray
-    workers already run one thread per task).
+    Args:
+        workers: with the local executor, the processes that score the reference models and
+            run the cells (None: the usable cores; 1: in this process; or a shared
+            ``WorkerPool``). Each cell has its own seed, so the results are the same for any
+            number of workers.
+        threads: torch threads per worker (default 1: fastest for small models, and one per
+            core with the default workers). Ray workers run one thread per task.
 
     Example:
         >>> run_grid("grid.yml", "grid-out")  # doctest: +SKIP
     """
-    if threads is not None:
-        with torch_threads(threads):
-            return run_grid(spec, out_dir, executor=executor, address=address, keep_models=keep_models, log=log)
     spec = spec if isinstance(spec, GridSpec) else load_spec(spec)
     tasks = validate_spec(spec)
     if executor not in ("local", "ray"):
         raise MergelabError(f"executor '{executor}' is not known; use local or ray")
+    if not isinstance(workers, WorkerPool):
+        workers = check_workers(workers)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MergelabError(f"threads must be a whole number, 1 or more; got {threads!r}")
     out_dir = Path(out_dir)
     created = _make_output_dir(out_dir, [spec.base, spec.multitask, *(e.model for e in spec.experts)])
     results = out_dir / "results.csv"
     try:
-        return _run(spec, tasks, out_dir, results, executor, address, keep_models, log)
+        with worker_pool(workers, threads or 1) as pool:
+            return _run(spec, tasks, out_dir, results, executor, address, keep_models, pool, log)
     except BaseException:
         if created is not None and not results.exists():  # nothing worth resuming: leave nothing behind
             shutil.rmtree(created, ignore_errors=True)
@@ -185,18 +197,19 @@ def _make_output_dir(out_dir: Path, inputs: list[str | None]) -> Path | None:
 
 
 def _run(spec: GridSpec, tasks, out_dir: Path, results: Path, executor: str, address: str | None,
-         keep_models: bool, log: Callable[[str], None]) -> Path:
+         keep_models: bool, pool: WorkerPool, log: Callable[[str], None]) -> Path:
     rows = read_results(results)
     if not any(r["method"] == "base" for r in rows):
         log("  scoring the reference models (base, experts, multitask)")
-        rows += reference_rows(spec, tasks)
+        rows += reference_rows(spec, tasks, pool)
         add_normalized(rows, tasks)
         write_rows(rows, results, RESULT_COLUMNS)
     done = {(r["method"], str(r["n_experts"]), str(r["seed"])) for r in rows}
     cells = [c for c in plan_cells(spec) if c.key not in done]
-    log(f"  {len(cells)} cells to run ({len(plan_cells(spec)) - len(cells)} already done) with the {executor} executor")
+    where = f"{pool.workers} worker{'s' * (pool.workers > 1)}" if executor == "local" else "Ray"
+    log(f"  {len(cells)} cells to run ({len(plan_cells(spec)) - len(cells)} already done) on {where}")
     models_dir = out_dir / "models"
-    for finished, cell_rows in enumerate(_execute(spec, cells, models_dir, keep_models, executor, address), 1):
+    for finished, cell_rows in enumerate(_execute(spec, cells, models_dir, keep_models, executor, address, pool), 1):
         rows += cell_rows
         add_normalized(rows, tasks)
         write_rows(rows, results, RESULT_COLUMNS)
@@ -211,11 +224,11 @@ def _run(spec: GridSpec, tasks, out_dir: Path, results: Path, executor: str, add
 
 
 def _execute(spec: GridSpec, cells: list[Cell], models_dir: Path, keep_models: bool, executor: str,
-             address: str | None):
+             address: str | None, pool: WorkerPool):
+    """Each cell's rows, in the order of ``cells`` (so results.csv is the same for any workers)."""
     spec_data = spec.model_dump()
     if executor == "local":
-        for cell in cells:
-            yield run_cell(spec_data, asdict(cell), str(models_dir), keep_models)
+        yield from pool.imap(run_cell, [(spec_data, asdict(cell), str(models_dir), keep_models) for cell in cells])
         return
     try:
         import ray

@@ -18,14 +18,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from mergelab.continual import Harness, Method, StreamTask, TrainSettings, run_stream
-from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
+from mergelab.parallel import WorkerPool, check_workers, worker_pool
 
 SCENARIOS = {"class": 10, "domain": 5}  # number of outputs
 
@@ -118,20 +118,31 @@ def digits_harness(pixels: torch.Tensor, labels: torch.Tensor, tasks: list[Strea
 
 
 def run_split_digits(config: DigitsConfig | None = None, log: Callable[[str], None] | None = None,
-                     workdir: Path | None = None) -> dict[str, Any]:
-    """Run every method of ``config`` for every seed; returns per-seed runs and their means."""
+                     workdir: Path | None = None, workers: int | WorkerPool | None = 1) -> dict[str, Any]:
+    """Run every method of ``config`` for every seed (one seed per unit of work, in ``workers``
+    processes); returns per-seed runs and their means."""
     config = config or DigitsConfig()
-    log = log or (lambda _: None)
     started = time.perf_counter()
-    per_seed = []
-    for seed in config.seeds:
-        pixels, labels, tasks = split_digits(seed, config.test_size, config.scenario)
-        torch.manual_seed(seed)
-        model = MLP(config.hidden, classes=SCENARIOS[config.scenario])
-        settings = TrainSettings(**{**config.settings.__dict__, "seed": seed})
-        log(f"seed {seed}: {len(tasks[0].train)}/{len(tasks[1].train)} training images in tasks A/B")
-        per_seed.append(run_stream(model, tasks, config.methods(), settings, digits_harness(pixels, labels, tasks),
-                                   log=log, workdir=workdir))
+    with worker_pool(workers) as pool:
+        return collect_seeds(config, pool.imap(run_seed, [(config, seed, log is not None, workdir)
+                                                          for seed in config.seeds]), started)
+
+
+def run_seed(config: DigitsConfig, seed: int, verbose: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+    """Every method of ``config`` on one seed's split (a unit of work; ``verbose`` prints progress)."""
+    log = print if verbose else (lambda _: None)
+    pixels, labels, tasks = split_digits(seed, config.test_size, config.scenario)
+    torch.manual_seed(seed)
+    model = MLP(config.hidden, classes=SCENARIOS[config.scenario])
+    settings = TrainSettings(**{**config.settings.__dict__, "seed": seed})
+    log(f"seed {seed}: {len(tasks[0].train)}/{len(tasks[1].train)} training images in tasks A/B")
+    return run_stream(model, tasks, config.methods(), settings, digits_harness(pixels, labels, tasks),
+                      log=log, workdir=workdir)
+
+
+def collect_seeds(config: DigitsConfig, per_seed: Iterable[dict[str, Any]], started: float) -> dict[str, Any]:
+    """One scenario's result from its per-seed runs (in seed order)."""
+    per_seed = list(per_seed)
     return {"experiment": "split-digits", "seeds": list(config.seeds), "tasks": per_seed[0]["tasks"],
             "config": _describe(config), "initial": _mean_dicts([r["initial"] for r in per_seed]),
             "runs": _mean_runs(per_seed), "per_seed": per_seed, "seconds": time.perf_counter() - started}
@@ -217,9 +228,14 @@ def digits_verdict(comparison: dict[str, Any]) -> str:
 
 
 def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool = False,
-                          scenarios: tuple[str, ...] = ("class", "domain"), **config: Any) -> Path:
+                          scenarios: tuple[str, ...] = ("class", "domain"), workers: int | WorkerPool | None = None,
+                          **config: Any) -> Path:
     """Run the split-digits experiment for each scenario and write ``results.json``,
     ``results.md`` and ``split_digits_<scenario>.png`` into ``out_dir`` (all or nothing).
+
+    Every (scenario, seed) is a unit of work, run in ``workers`` processes (None: the usable
+    cores; 1: in this process) on one torch thread each (a tiny MLP: more threads only add
+    overhead, and stall on a busy machine); the numbers are the same for any ``workers``.
 
     Example:
         >>> run_digits_experiment("sfa-digits")  # doctest: +SKIP
@@ -228,13 +244,18 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
     from mergelab.io import check_output_dir
 
     check_output_dir(out_dir, force)  # fail before the work, not after
+    if not isinstance(workers, WorkerPool):
+        workers = check_workers(workers)
     log = (lambda _: None) if quiet else print
     started = time.perf_counter()
+    configs = {scenario: DigitsConfig(scenario=scenario, **config) for scenario in scenarios}
+    units = [(configs[scenario], seed, not quiet) for scenario in scenarios for seed in configs[scenario].seeds]
     results = {}
-    with torch_threads(1):  # a tiny MLP: threads only add overhead (and stall on a busy machine)
-        for scenario in scenarios:
+    with worker_pool(workers) as pool:
+        runs = pool.imap(run_seed, units)
+        for scenario, scenario_config in configs.items():
             log(f"split digits, {scenario}-incremental")
-            results[scenario] = run_split_digits(DigitsConfig(scenario=scenario, **config), log=log)
+            results[scenario] = collect_seeds(scenario_config, (next(runs) for _ in scenario_config.seeds), started)
             results[scenario]["comparison"] = compare_families(results[scenario])
     seconds = time.perf_counter() - started
     lines = ["# Split digits (sklearn load_digits; task A = even, task B = odd digits)\n",
