@@ -235,7 +235,7 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
     else:
         output = ModelTokenizer(locate(mode) if locate else Path(mode), f"tokenizer_source '{mode}'")
     if mode == "union":
-        have = set(output.vocab())
+        have = set(vocabs[base_ref])
         for ref, tok in tokenizers.items():
             missing = sorted((t for t in vocabs[ref] if t not in have), key=vocabs[ref].get)
             output.add(missing, tok.specials())
@@ -268,13 +268,25 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
         rows = math.ceil(rows / multiple) * multiple
 
     by_row = {row: token for token, row in out_vocab.items()}
+    token_of_row = [by_row.get(row) for row in range(rows)]
+    is_token = torch.zeros(rows, dtype=torch.bool)
+    is_token[list(out_vocab.values())] = True
+    every_row = torch.arange(rows)
     row_maps = {}
     for ref, vocab in vocabs.items():
-        ids = set(vocab.values())
-        # a token's row in this model, else for a padding row the same padding row of this model, else -1
-        mapping = [vocab.get(by_row[row], -1) if row in by_row else
-                   (row if row < row_counts[ref] and row not in ids else -1) for row in range(rows)]
-        row_maps[ref] = torch.tensor(mapping, dtype=torch.int64)
+        ids = torch.tensor(list(vocab.values()), dtype=torch.int64)
+        # a token's row in this model (-1 where it lacks the token)
+        if vocab.items() <= out_vocab.items():  # its tokens sit at the output's ids (the shared vocabulary)
+            mapping = torch.full((rows,), -1, dtype=torch.int64)
+            mapping[ids] = ids
+        else:
+            mapping = torch.tensor([vocab.get(t, -1) if t is not None else -1 for t in token_of_row], dtype=torch.int64)
+        # a padding row of the output: the same padding row of this model, where it has one
+        padding = every_row < row_counts[ref]
+        padding[ids[ids < rows]] = False
+        padding &= ~is_token
+        mapping[padding] = every_row[padding]
+        row_maps[ref] = mapping
     present = torch.stack([m >= 0 for m in row_maps.values()]).any(0).tolist()
     new_tokens = [by_row[row] for row in range(token_rows) if row in by_row and not present[row]]
     forced_rows = {out_vocab[token]: ref for token, ref in forced.items()}
