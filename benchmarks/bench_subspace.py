@@ -1,0 +1,189 @@
+"""Time the subspace merges (tsv, iso_c, iso_cts) on the 748M Llama benchmark, against TIES, at one thread.
+
+Two modes:
+
+- ``--tensors N``: in this process, on one torch thread, merge N weight matrices of the four
+  experts (one of each shape first, then more) with each method and with TIES (density 0.2),
+  print seconds per matrix, and estimate a whole-model merge as Σ over shapes of (matrices of
+  that shape × mean seconds) — a quick check that leaves the machine to others.
+  ``--check-exact`` also compares the fast routes with ``torch.linalg.svd`` on the first matrix.
+- without ``--tensors``: whole merges through ``mergelab merge --threads 1`` (OMP_NUM_THREADS=1),
+  measured as ``bench_methods.py`` measures (own process, waits for idle CPUs, records other
+  processes' CPU time, minimum wall time of the quiet runs, maximum peak RSS); writes
+  benchmarks/results/subspace_748m.json. Target (issue 14): tsv and iso_c within 5× TIES.
+
+    python benchmarks/make_llama_748m.py
+    python benchmarks/bench_subspace.py --tensors 3 [--check-exact]
+    python benchmarks/bench_subspace.py [--only ties iso_c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import HERE, MODELS, git_head, run_meta, timed, warm_cache  # noqa: E402
+
+TIES_DENSITY = 0.2
+TARGET_RATIO = 5.0
+METHOD_NAMES = ("ties", "tsv", "iso_c", "iso_cts")
+
+
+def configs(data: Path) -> dict[str, dict]:
+    """One whole-model config per method: the 4 experts over the base, float32 arithmetic, bfloat16 out."""
+    base = str(data / "base")
+    experts = [str(data / m) for m in MODELS]
+    ties = {"models": [{"model": m, "parameters": {"weight": 1.0, "density": TIES_DENSITY}} for m in experts]}
+    plain = {"models": [{"model": m} for m in experts]}
+    return {name: {"merge_method": name, "base_model": base, **(ties if name == "ties" else plain),
+                   "dtype": "float32", "out_dtype": "bfloat16"} for name in METHOD_NAMES}
+
+
+def sample_matrices(data: Path, count: int) -> tuple[list[str], collections.Counter]:
+    """``count`` 2-D tensor names, one of each shape first (smallest first); and how many matrices have each shape."""
+    from mergelab.io import CheckpointReader
+
+    reader = CheckpointReader(data / "base")
+    by_shape: dict[tuple, list[str]] = collections.defaultdict(list)
+    for name, info in reader.tensors.items():
+        if len(info.shape) == 2:
+            by_shape[tuple(info.shape)].append(name)
+    reader.close()
+    by_size = [by_shape[shape] for shape in sorted(by_shape, key=lambda shape: shape[0] * shape[1])]
+    picked, round_index = [], 0
+    while len(picked) < count and any(round_index < len(names) for names in by_size):
+        for names in by_size:  # the smallest shapes first: a quick run sees the layers, not the embeddings
+            if round_index < len(names) and len(picked) < count:
+                picked.append(names[round_index])
+        round_index += 1
+    return picked, collections.Counter({shape: len(names) for shape, names in by_shape.items()})
+
+
+def per_tensor(args) -> None:
+    """Time each method on a few matrices and estimate the whole model."""
+    from mergelab.io import CheckpointReader
+    from mergelab.methods import METHODS
+    from mergelab.methods import subspace
+
+    torch.set_num_threads(1)
+    names, counts = sample_matrices(args.data, args.tensors)
+    readers = [CheckpointReader(args.data / m) for m in ["base", *MODELS]]
+    seconds: dict[str, dict[tuple, list[float]]] = {m: collections.defaultdict(list) for m in METHOD_NAMES}
+    for name in names:
+        base, *experts = (reader.get(name).float() for reader in readers)
+        shape = tuple(base.shape)
+        for method in METHOD_NAMES:
+            params = {"weight": [1.0] * 4, "density": [TIES_DENSITY] * 4} if method == "ties" else {}
+            start = time.perf_counter()
+            METHODS[method]([e.clone() for e in experts], base, **params)
+            seconds[method][shape].append(time.perf_counter() - start)
+        print(f"{name} {shape}: " + ", ".join(f"{m} {seconds[m][shape][-1]:.2f} s" for m in METHOD_NAMES), flush=True)
+        if args.check_exact and name == names[0]:
+            summed = sum(e - base for e in experts)
+            exact, fast = subspace.isotropic(summed, "svd"), subspace.isotropic(summed, "gram")
+            print(f"  iso_c gram vs svd: max |Δ| {float((fast - exact).abs().max()):.2e} "
+                  f"(max |exact| {float(exact.abs().max()):.2e})", flush=True)
+            keep = min(shape) // 4
+            u, s, vh = subspace.top_singular(experts[0] - base, keep, "svd")
+            for how in ("lowrank", "gram"):
+                fu, fs, fvh = subspace.top_singular(experts[0] - base, keep, how)
+                error = float(((fu * fs) @ fvh - (u * s) @ vh).norm() / ((u * s) @ vh).norm())
+                print(f"  top-{keep} {how} vs svd: relative Frobenius error of the rank-{keep} part {error:.2e}",
+                      flush=True)
+    for reader in readers:
+        reader.close()
+    print(f"\nestimated whole-model seconds (one thread; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"2-D matrices only, shapes {dict(counts)}):")
+    ties_total = None
+    for method in METHOD_NAMES:
+        measured = {shape: sum(v) / len(v) for shape, v in seconds[method].items()}
+        missing = [shape for shape in counts if shape not in measured]
+        total = sum(counts[shape] * mean for shape, mean in measured.items())
+        ties_total = total if method == "ties" else ties_total
+        ratio = f", {total / ties_total:.1f}× TIES" if ties_total else ""
+        note = f" (shapes not sampled: {missing})" if missing else ""
+        print(f"  {method}: {total:.0f} s{ratio}{note}")
+
+
+def run_case(args, name: str, config_path: Path) -> dict:
+    out_dir = args.out / f"s-{name}"
+    command = [str(Path(sys.executable).parent / "mergelab"), "merge", str(config_path), str(out_dir),
+               "--threads", "1", "--quiet", "--force", "--no-model-card"]
+    runs = []
+    while sum(r["quiet"] for r in runs) < args.repeats and len(runs) < max(args.repeats, args.max_runs):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.sync()
+        run = timed(command, args.max_wait, {"OMP_NUM_THREADS": "1"})
+        runs.append(dict(run, quiet=run["others_cpu_s"] <= 0.1 * run["wall_s"] * os.cpu_count()))
+        print(f"  {name}: {runs[-1]}", flush=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {"command": command, "commit": git_head(), "runs": runs,
+            "wall_s": min(r["wall_s"] for r in runs), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
+
+
+def table(results: dict) -> str:
+    ties = results.get("ties", {}).get("wall_s")
+    lines = ["| method | wall s (min) | × TIES | peak RSS GB (max) | runs: wall s (others' CPU s) | within 5× TIES |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, r in results.items():
+        ratio = r["wall_s"] / ties if ties else float("nan")
+        quiet = "" if any(x["quiet"] for x in r["runs"]) else " (no quiet run)"
+        walls = ", ".join(f"{x['wall_s']:.1f} ({x['others_cpu_s']:.0f})" for x in r["runs"])
+        lines.append(f"| {name} | {r['wall_s']:.1f} | {ratio:.2f} | {r['peak_rss_gb']:.2f} | {walls} | "
+                     f"{'yes' if ratio <= TARGET_RATIO else '**no**'}{quiet} |")
+    return "\n".join(lines)
+
+
+def whole_model(args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.threads, args.mergekit_venv = 1, None  # for run_meta
+    warm_cache(args.data)
+    stored = json.loads(args.results.read_text()) if args.only and args.results.is_file() else {"results": {}}
+    results = stored["results"]
+    for name, config in configs(args.data).items():
+        if args.only and name not in args.only:
+            continue
+        config_path = args.out / f"subspace-{name}.yml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        print(f"{name}:", flush=True)
+        results[name] = run_case(args, name, config_path)
+    print(table(results))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"meta": run_meta(args), "results": results}, indent=2) + "\n")
+    print(f"wrote {args.results}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE / "data", help="made by make_llama_748m.py")
+    parser.add_argument("--out", type=Path, default=HERE / "out", help="configs and merge outputs")
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "subspace_748m.json")
+    parser.add_argument("--tensors", type=int, default=0, help="time only this many matrices in-process (0: whole merges)")
+    parser.add_argument("--check-exact", action="store_true", help="with --tensors: compare the fast routes with SVD")
+    parser.add_argument("--repeats", type=int, default=1, help="quiet runs wanted per method")
+    parser.add_argument("--max-runs", type=int, default=3, help="most runs per method while waiting for quiet ones")
+    parser.add_argument("--max-wait", type=float, default=120, help="seconds to wait for an idle machine per run")
+    parser.add_argument("--only", nargs="*", help="whole merges of only these methods (list ties too)")
+    args = parser.parse_args()
+    args.data = args.data.resolve()
+    if not (args.data / MODELS[-1] / "model.safetensors.index.json").is_file():
+        subprocess.run([sys.executable, str(HERE / "make_llama_748m.py"), str(args.data)], check=True)
+    if args.tensors > 0:
+        per_tensor(args)
+    else:
+        whole_model(args)
+
+
+if __name__ == "__main__":
+    main()
