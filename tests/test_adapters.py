@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import mergelab
 from mergelab.adapters import AdapterReader, LoraAdapter, open_reader
+from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
 from mergelab.inspection import inspect_task_vectors
 from mergelab.io import CheckpointReader
@@ -21,6 +22,7 @@ from mergelab.lm import build_tokenizer, make_examples, tiny_llama, train
 from conftest import save_model
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- fixtures: real adapters, trained a few steps so that B·A is not zero ---------------------
@@ -59,10 +61,15 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def lora_world(tmp_path_factory, one_thread) -> dict[str, Path]:
-    """A tiny Llama base, a GPT-2 base, and adapters of several kinds on them."""
-    root = tmp_path_factory.mktemp("lora_world")
+@pytest.fixture(scope="session")
+def lora_world(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama base, a GPT-2 base, and adapters of several kinds on them (built once per
+    session: the other test_adapters_* modules import this fixture)."""
+    with torch_threads(1):
+        return _lora_world(tmp_path_factory.mktemp("lora_world"))
+
+
+def _lora_world(root: Path) -> dict[str, Path]:
     paths = {"llama": save_model(tiny_llama(seed=0), root / "llama"),
              "gpt2": save_model(tiny_gpt2(seed=0), root / "gpt2")}
     paths["sort"] = train_adapter(paths["llama"], root / "sort", "sort", r=4, lora_alpha=8,
@@ -126,8 +133,10 @@ def test_reader_interface_matches_checkpoint_reader(lora_world):
             CheckpointReader(lora_world["llama"]) as base:
         assert set(reader.tensors) == set(base.tensors)
         assert reader.path == base.path and reader.config == base.config
+        buffer = torch.empty(1 << 20, dtype=torch.uint8)
         for name, info in reader.tensors.items():
             assert reader.get(name).shape == info.shape and reader.get(name).dtype == info.dtype
+            assert torch.equal(reader.get(name, out=buffer), reader.get(name))  # into a caller's buffer, as io's
         # untouched tensors pass through; the norm in modules_to_save comes from the adapter
         assert torch.equal(reader.get("model.layers.0.input_layernorm.weight"),
                            base.get("model.layers.0.input_layernorm.weight"))

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from mergelab.adapters import AdapterReader
 from mergelab.adapters import extract as extract_module
 from mergelab.adapters.extract import extract_lora
+from mergelab.devices import torch_threads
 from mergelab.errors import MergelabError
 from mergelab.io import CheckpointReader
 from mergelab.lm import build_tokenizer, make_examples, tiny_llama, train
@@ -21,18 +22,20 @@ from conftest import save_model
 from test_adapters import tiny_gpt2
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def finetunes(tmp_path_factory, one_thread):
+@pytest.fixture(scope="session")
+def finetunes(tmp_path_factory):
     """Base and full fine-tune (every parameter trained a few steps) of both architectures."""
     root = tmp_path_factory.mktemp("finetunes")
     paths = {}
-    for name, make in (("llama", lambda: tiny_llama(seed=0)), ("gpt2", lambda: tiny_gpt2(seed=0))):
-        model = make()
-        paths[name] = save_model(model, root / name)
-        train(model, build_tokenizer(), make_examples("sort", 64, seed=0), steps=5, lr=1e-2, batch_size=16)
-        paths[f"{name}_ft"] = save_model(model, root / f"{name}_ft")
+    with torch_threads(1):
+        for name, make in (("llama", lambda: tiny_llama(seed=0)), ("gpt2", lambda: tiny_gpt2(seed=0))):
+            model = make()
+            paths[name] = save_model(model, root / name)
+            train(model, build_tokenizer(), make_examples("sort", 64, seed=0), steps=5, lr=1e-2, batch_size=16)
+            paths[f"{name}_ft"] = save_model(model, root / f"{name}_ft")
     return paths
 
 

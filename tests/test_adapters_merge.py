@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_adapters import lora_world  # noqa: F401  (the module-scoped fixture)
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peft_merge(world, names, weights, combination, **kwargs) -> dict[str, torch.Tensor]:

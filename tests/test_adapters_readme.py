@@ -18,6 +18,7 @@ from test_adapters import lora_world  # noqa: F401  (the module-scoped fixture)
 from test_adapters_extract import finetunes  # noqa: F401
 
 pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 

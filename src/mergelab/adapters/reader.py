@@ -34,6 +34,8 @@ class AdapterReader:
         ...     q = reader.get("model.layers.0.self_attn.q_proj.weight")
     """
 
+    reads_into_buffers = True  # get(name, out=) fills a caller's uint8 buffer, as CheckpointReader.get does
+
     def __init__(self, base: str | Path, adapter: str | Path, label: str | None = None):
         self.label = label or f"{base}+{adapter}"
         self.base = CheckpointReader(base, label=str(base))
