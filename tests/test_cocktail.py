@@ -49,6 +49,14 @@ def test_weights_equal_the_paper_formula_computed_independently(world):
     assert sum(fewshot_weights(models, FIVE, temperature=0.1)) == pytest.approx(1.0)
 
 
+def test_an_api_call_writes_nothing_to_stderr(world, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: transformers shows its bars by default
+    fewshot_weights([world["base"], world["a"]], FIVE, threads="auto")
+    assert capfd.readouterr().err == ""
+
+
 def test_the_model_that_knows_the_task_gets_the_weight(copy_model, world):
     _, _, trained = copy_model
     losses = fewshot_losses([world["base"], trained], FIVE)

@@ -10,7 +10,7 @@ import torch
 
 from mergelab.lm import build_tokenizer, tiny_llama
 from mergelab.errors import MergelabError
-from mergelab.loading import check_model_dir, load_model, load_tokenizer
+from mergelab.loading import check_model_dir, load_model, load_tokenizer, model_params
 
 
 def one_line(error) -> str:
@@ -40,6 +40,23 @@ def test_load_model_returns_the_saved_model_in_eval_mode(tiny_world):
     assert len(tokenizer) == len(build_tokenizer())
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_loading_prints_no_progress_bar_unless_asked_and_keeps_the_callers_setting(tiny_world, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    load_model(tiny_world["base"])
+    assert capfd.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting, restored
+    load_model(tiny_world["base"], progress=True)
+    assert "Loading weights" in capfd.readouterr().err
+
+
+def test_model_params_counts_from_the_headers(tiny_world, tmp_path):
+    model = tiny_llama(seed=0)  # tied embeddings: stored once, counted once
+    assert model_params(tiny_world["base"]) == sum(p.numel() for p in model.parameters())
+    assert model_params(tmp_path) is None  # no model here: the thread policy decides by the cores alone
 
 
 def test_encoder_kind_loads_the_bare_model(tiny_world):
