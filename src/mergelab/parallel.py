@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -147,8 +148,14 @@ def _progress_bars_disabled() -> bool:
     return not hf_logging.is_progress_bar_enabled()
 
 
+class _Terminated(SystemExit):
+    """SIGTERM in a worker: raised where the unit was, so that what it was writing is removed."""
+
+    code = 128 + signal.SIGTERM
+
+
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
+    raise _Terminated(_Terminated.code)
 
 
 def run_pinned(threads: int, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -156,14 +163,16 @@ def run_pinned(threads: int, fn: Callable[..., Any], args: Sequence[Any], kwargs
     of the library inside keeps the pin)."""
     from mergelab.threads import use_threads
 
-    with use_threads(threads):
-        return fn(*args, **kwargs)
+    try:
+        with use_threads(threads):
+            return fn(*args, **kwargs)
+    except _Terminated:  # the unit has cleaned up (its finally blocks ran); the worker stops here
+        os._exit(_Terminated.code)
 
 
 def _start_worker(threads: int, progress_off: bool) -> None:
-    """Runs once in each worker, before any unit."""
+    """Runs once in each worker, before any unit. Until it returns, SIGTERM kills at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import torch
 
     torch.set_num_threads(threads)  # before any work; each unit pins it again (run_pinned)
@@ -171,3 +180,4 @@ def _start_worker(threads: int, progress_off: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
