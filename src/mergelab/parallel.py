@@ -7,7 +7,8 @@ sequential run (``workers=1``, in this process, on the same number of threads).
 
 Workers are started with the "spawn" method (torch after ``fork`` is unsafe), pin their torch
 thread count before any work, ignore Ctrl-C (the parent owns the interrupt) and turn SIGTERM
-into ``SystemExit`` so that an output a unit was writing is removed as in the parent. An
+into ``SystemExit`` where the unit was, so that an output it was writing is removed as in the
+parent, and then exit. An
 exception in a unit (a ``MergelabError`` included) is raised again in the parent, the same
 type with the same message. When the parent fails or is interrupted, pending units are
 cancelled and the workers are terminated and joined before the caller cleans up.
