@@ -214,9 +214,11 @@ def test_per_token_sources_and_a_forced_new_token(vocab_world, tmp_path):
     base, chat, tool = (weights(vocab_world[k]) for k in ("base", "chat", "tool"))
     merged, out_ids = weights(out), ids(out)
     name = "model.embed_tokens.weight"
-    # the vocabulary's base (the first model) lacks <|im_end|>: tool's row, not the mean of chat's and tool's
-    torch.testing.assert_close(merged[name][out_ids["<|im_end|>"]], tool[name][ids(vocab_world["tool"])["<|im_end|>"]])
-    shared = out_ids["Ġcat"]  # the base has it and force is off: merged as usual
+    # base lacks <|im_end|>: it takes tool's row, then the mean of the three (as mergekit 0.1.5)
+    tool_row = tool[name][ids(vocab_world["tool"])["<|im_end|>"]]
+    expected = (tool_row + chat[name][ids(vocab_world["chat"])["<|im_end|>"]] + tool_row) / 3
+    torch.testing.assert_close(merged[name][out_ids["<|im_end|>"]], expected)
+    shared = out_ids["Ġcat"]  # every model has it and force is off: merged as usual
     torch.testing.assert_close(merged[name][shared], (base[name][shared] + chat[name][shared] + tool[name][shared]) / 3)
     forced = out_ids["Ġdog"]  # force: chat's row although every model has the token
     torch.testing.assert_close(merged[name][forced], chat[name][forced])

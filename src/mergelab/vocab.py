@@ -17,8 +17,8 @@ row: where the base lacks a token the row is the weighted mean of the experts th
 (there is no task vector without a base row). A token only one model has takes its row; a
 token no model has (a forced new token) starts as the mean of the merged rows. Rows past the
 last token (padding to a multiple) come from the same row of the models that pad there, else
-the mean. ``tokens: {TOKEN: {source: MODEL}}`` copies a token's row from MODEL where the base
-lacks the token (``force: true``: also where it has it).
+the mean. ``tokens: {TOKEN: {source: MODEL}}`` lends MODEL's row to every model without TOKEN
+before the usual merge; with ``force: true`` the row is MODEL's, outright (as mergekit).
 
 Chat templates: a built-in name (``BUILTIN_TEMPLATES``), a Jinja string, or ``auto`` (the
 template most inputs carry).
@@ -200,6 +200,7 @@ class Vocabulary:
     row_maps: dict[str, torch.Tensor]  # model ref -> (rows,) int64: that model's row, or -1 where it has none
     forced: dict[int, str] = field(default_factory=dict)  # output row -> model ref whose row is copied
     new_tokens: list[str] = field(default_factory=list)  # tokens no model has: started as the mean row
+    filled: dict[int, str] = field(default_factory=dict)  # output row -> model ref lending its row to models without
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def is_identity(self, refs: list[str], row_counts: dict[str, int]) -> bool:
@@ -242,6 +243,7 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
             have.update(missing)
 
     forced: dict[str, str] = {}
+    filled: dict[str, str] = {}
     out_vocab = output.vocab()
     for token, setting in (tokens or {}).items():
         source = getattr(setting, "source", None)
@@ -252,8 +254,7 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
             if token not in vocabs[source]:
                 raise MergelabError(f"tokenizer.tokens['{token}'].source: model '{source}' has no token {token!r}; "
                                     f"choose a model whose tokenizer has it")
-            if getattr(setting, "force", False) or token not in vocabs[base_ref]:
-                forced[token] = source
+            (forced if getattr(setting, "force", False) else filled)[token] = source
         if token not in out_vocab:
             owner = source or next((ref for ref in vocabs if token in vocabs[ref]), None)
             output.add([token], tokenizers[owner].specials() if owner else {token})
@@ -290,7 +291,8 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
     present = torch.stack([m >= 0 for m in row_maps.values()]).any(0).tolist()
     new_tokens = [by_row[row] for row in range(token_rows) if row in by_row and not present[row]]
     forced_rows = {out_vocab[token]: ref for token, ref in forced.items()}
-    return Vocabulary(output, rows, row_maps, forced_rows, new_tokens)
+    filled_rows = {out_vocab[token]: ref for token, ref in filled.items()}
+    return Vocabulary(output, rows, row_maps, forced_rows, new_tokens, filled_rows)
 
 
 def _padding_multiple(rows: int, vocab: dict[str, int]) -> int | None:
@@ -377,6 +379,18 @@ def merge_rows(vocab: Vocabulary, method, params: dict[str, Any], extra: dict[st
     for row, ref in vocab.forced.items():
         if ref in refs:
             out[row] = tensors[ref][maps_by_ref[ref][row]]
+            forced[row] = done[row] = True
+    for row, ref in vocab.filled.items():  # models without the token take ref's row, then the usual merge
+        if ref in refs and not bool(forced[row]):
+            lent = tensors[ref][maps_by_ref[ref][row]]
+
+            def row_of(tensor: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+                return (tensor[mapping[row]] if mapping[row] >= 0 else lent).unsqueeze(0).clone()
+
+            picked = [row_of(tensor, mapping) for (_, tensor), mapping in zip(experts, maps)]
+            base_row = row_of(base[1], base_map) if base else None
+            everyone = list(range(len(experts)))
+            out[row] = _merge_group(method, params, extra, everyone, len(experts), weights, picked, base_row, base)[0]
             forced[row] = done[row] = True
     for group in torch.unique(key[~forced]).tolist():
         rows = torch.nonzero((key == group) & ~forced).squeeze(1)
