@@ -178,3 +178,20 @@ def test_bad_slices_are_refused_before_any_work(four_layers, tmp_path, config, m
 def test_a_slices_config_round_trips_through_yaml(four_layers):
     config = load_config(passthrough((four_layers["a"], 0, 2), (four_layers["a"], 1, 3)))
     assert load_config(config.to_yaml()).model_dump() == config.model_dump()
+
+
+def test_the_readme_slices_example_merges(four_layers, tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Slices and vocabularies", 1)[1].split("\n### ", 1)[0]
+    config = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)[0])
+    for name, source in {"expert-copy": "a", "expert-sort": "b"}.items():
+        shutil.copytree(four_layers[source], tmp_path / "models" / name)
+    monkeypatch.chdir(tmp_path)
+    out = mergelab.merge(config, tmp_path / "out", quiet=True)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    generates(out)

@@ -296,3 +296,21 @@ def test_lm_cocktail_merges_models_that_differ_by_added_tokens_through_the_union
     assert merged["lm_head.weight"].shape[0] == 123
     # <|im_start|>: only the target has it, so its row is the target's (weights renormalized over it)
     torch.testing.assert_close(merged["lm_head.weight"][120], chat["lm_head.weight"][120])
+
+
+def test_the_readme_vocabulary_example_merges(vocab_world, tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Slices and vocabularies", 1)[1].split("\n### ", 1)[0]
+    config = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)[1])
+    for name in ("base", "chat"):
+        shutil.copytree(vocab_world[name], tmp_path / "models" / name)
+    monkeypatch.chdir(tmp_path)
+    out = mergelab.merge(config, tmp_path / "out", quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == 122 and "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], tokenize=False, add_generation_prompt=True)
