@@ -20,9 +20,9 @@ from mergelab.errors import MergelabError
 def adapter_parts(path: str | Path) -> tuple[Path, Path] | None:
     """(base, adapter) when ``path`` is an adapter directory or ``BASE+ADAPTER``, else None."""
     text = str(path)
-    if Path(text).is_dir() and not (Path(text) / "adapter_config.json").is_file():
-        return None  # an ordinary model directory: no Hub lookups for its name
-    return adapter_input(text)
+    if Path(text).exists():  # an ordinary model directory or file needs no Hub lookup
+        return adapter_input(text) if (Path(text) / "adapter_config.json").is_file() else None
+    return adapter_input(text) if "+" in text else None
 
 
 def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, what: str = "model") -> Path:
