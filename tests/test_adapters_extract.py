@@ -127,3 +127,18 @@ def test_extraction_errors(finetunes, tmp_path):
     with pytest.raises(MergelabError, match="missing from model|has shape"):
         extract_lora(finetunes["gpt2_ft"], finetunes["llama"], tmp_path / "a", rank=2)
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_prints_each_layer_and_refuses_bad_options_in_one_line(finetunes, tmp_path):
+    from click.testing import CliRunner
+
+    from mergelab.cli import main
+
+    args = ["adapters", "extract", str(finetunes["llama_ft"]), "--base", str(finetunes["llama"])]
+    result = CliRunner().invoke(main, args + ["--rank", "2", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1.mlp.down_proj" in result.output and "relative error" in result.output
+    assert "saved whole (modules_to_save): " in result.output
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "error: give either --rank or --energy" in result.output
+    assert not (tmp_path / "b").exists()
