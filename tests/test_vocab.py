@@ -314,3 +314,25 @@ def test_the_readme_vocabulary_example_merges(vocab_world, tmp_path, monkeypatch
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) == 122 and "<|im_start|>assistant" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "the cat"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_a_zero_padding_multiple_is_refused(vocab_world, tmp_path):
+    config = linear((vocab_world["chat"], 1.0), (vocab_world["tool"], 1.0),
+                    tokenizer={"source": "union", "pad_to_multiple_of": 0})
+    with pytest.raises(MergelabError, match="tokenizer.pad_to_multiple_of must be a positive number of rows, got 0"):
+        mergelab.merge(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_slices_of_models_with_different_vocabularies_merge_through_the_union(vocab_world, tmp_path):
+    config = {"merge_method": "passthrough", "tokenizer_source": "union", "slices": [
+        {"sources": [{"model": vocab_world["chat"], "layer_range": [0, 2]}]},
+        {"sources": [{"model": vocab_world["tool"], "layer_range": [1, 2]}]}]}
+    out = mergelab.merge(config, tmp_path / "out", quiet=True)
+    merged, chat, tool, out_ids = weights(out), weights(vocab_world["chat"]), weights(vocab_world["tool"]), ids(out)
+    # embeddings from the first slice's model (chat), lm_head from the last's (tool), rows by token
+    assert torch.equal(merged["model.embed_tokens.weight"][:122], chat["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"][out_ids["<tool>"]], tool["lm_head.weight"][121])
+    assert torch.equal(merged["lm_head.weight"][out_ids["<|im_end|>"]], tool["lm_head.weight"][120])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.num_hidden_layers, model.config.vocab_size) == (3, 123)

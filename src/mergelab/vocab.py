@@ -223,6 +223,8 @@ def build_vocabulary(mode: str, models: dict[str, Path], base_ref: str, row_coun
         pad_to_multiple_of: round the output rows up to a multiple of this; by default a base
             whose embedding is padded past its tokens has its padding multiple reproduced.
     """
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise MergelabError(f"tokenizer.pad_to_multiple_of must be a positive number of rows, got {pad_to_multiple_of}")
     tokenizers = {ref: ModelTokenizer(path, f"model '{ref}'") for ref, path in models.items()}
     vocabs = {ref: tok.vocab() for ref, tok in tokenizers.items()}
     for ref, vocab in vocabs.items():
