@@ -5,20 +5,26 @@ streams) takes ``threads=`` (an int, ``"auto"`` — the default — or None) and
 inside ``use_threads``. Studies and the grid pin one thread per process with
 ``use_threads(1)``; an ``"auto"`` inside a pinned block keeps the pin.
 
-What was measured (``benchmarks/bench_threads.py``; numbers in benchmarks/README.md, a 2-core
-VM, torch 2.13 with GNU OpenMP):
+What was measured (``benchmarks/bench_threads.py``, table in benchmarks/README.md; a 2-core
+VM, torch 2.13 with GNU OpenMP, 2026-11-28, while other sessions kept the load at 8-11, so
+every case had busy neighbours and timings vary about 2x from run to run):
 
-* Forward passes of small Llamas on a few-shot batch (5 × 41 tokens) are not faster with 2
-  threads than with 1: the matrices are too small to split (5M and 27M parameters: 1 thread
-  as fast or faster; from ~110M, 2 threads start to pay on an idle machine).
-* With one CPU-bound process beside it, a 2-thread process on 2 cores is many times slower
-  than a 1-thread one: at every parallel region one thread waits for the other, which the
-  scheduler has parked behind the neighbour. With libgomp's default wait policy the waiting
-  thread also spins, taking CPU from the neighbour and from its own partner.
-* ``OMP_WAIT_POLICY=PASSIVE`` makes idle OpenMP threads sleep instead of spin. It removes the
-  spinning's cost to the neighbour and to the partner thread, and costs nothing at one thread
-  (no parallel region is entered) nor on merge-sized elementwise work (regions of ms, not µs).
-  It cannot cure the wait for a descheduled partner: only fewer threads do.
+* libgomp's default wait policy is the disaster: idle threads spin, so a 2-thread process
+  fights its own partner and everyone else for the cores. A forward pass on the few-shot
+  batch (5 × 41 tokens) took 9x longer at 2 threads than at 1 for a 7M-parameter Llama
+  (2.3 s against 0.24 s), 3.4x for 27M (5.1 s against 1.5 s), and 6-7x with one more
+  CPU-bound process beside it. The issue's own runs (fewshot_weights, 4 × 27M) saw 2.9 s
+  against 1.4 s.
+* ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep) removes it: at 2 threads the same passes
+  took about as long as at 1 (7M: 0.33 s against 0.23 s; 27M: 0.70 s against 0.76 s), faster
+  only where a 2-thread process took a larger share of an oversubscribed machine from the
+  others. At one thread it changes nothing (no parallel region is entered), and merge-sized
+  elementwise work (16M-entry tensors) ran the same with it, within the noise.
+* So for small models a second thread buys nothing measurable and risks the 3-9x stall
+  wherever PASSIVE is not in force (torch imported before mergelab), and the load average
+  lags a neighbour that just started by up to a minute. Whether 2 threads pay for small
+  models on an idle machine could not be measured here (it never was idle): rerun the
+  benchmark quietly before lowering ``SMALL_MODEL_PARAMS``.
 
 Hence the policy of ``auto_threads``: one thread for models below ``SMALL_MODEL_PARAMS``;
 otherwise as many threads as there are idle cores (the cores this process may use, less the
@@ -46,8 +52,9 @@ from mergelab.errors import MergelabError
 
 Threads = Union[int, str, None]
 
-# Below this many parameters a forward pass on a few-shot batch is no faster on 2 threads than
-# on 1 (benchmarks/bench_threads.py), and every extra thread is a liability on a busy machine.
+# Below this many parameters a model runs on one thread under "auto": at 7M and 27M a second
+# thread was never clearly faster and, without PASSIVE, 3-9x slower (benchmarks/bench_threads.py).
+# Larger models are left to the idle-core rule; 100M is a conservative bound, not a measured knee.
 SMALL_MODEL_PARAMS = 100_000_000
 
 _pinned: ContextVar[int | None] = ContextVar("mergelab_pinned_threads", default=None)
