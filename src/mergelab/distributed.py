@@ -18,6 +18,7 @@ one image). Inputs given as Hugging Face Hub ids must already be in each node's 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ def run_jobs_on_ray(plan: MergePlan, tmp: Path, progress=None) -> list[str]:
     if started_here:
         address = plan.options.address
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise MergelabError(f"cannot connect to the Ray cluster at {address} ({exc}); check --address, or "
                                 f"leave it out to start a local Ray instance") from None
