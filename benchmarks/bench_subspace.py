@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HERE / "data", help="made by make_llama_748m.py")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="configs and merge outputs")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "subspace_748m.json")
-    parser.add_argument("--tensors", type=int, default=0, help="time only this many matrices in-process (0: whole merges)")
+    parser.add_argument("--tensors", type=int, default=0,
+                        help="time only this many matrices in-process (0: whole merges)")
     parser.add_argument("--check-exact", action="store_true", help="with --tensors: compare the fast routes with SVD")
     parser.add_argument("--repeats", type=int, default=1, help="quiet runs wanted per method")
     parser.add_argument("--max-runs", type=int, default=3, help="most runs per method while waiting for quiet ones")

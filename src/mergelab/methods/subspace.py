@@ -80,13 +80,13 @@ def tsv(tensors: list[torch.Tensor], base: torch.Tensor, *, alpha: float, fracti
         return _mean_task_vector(tensors, base, alpha)
     n_tasks = len(tensors)
     rank = min(base.shape)
-    keep = max(1, int(rank * (fraction if fraction > 0 else 1.0 / n_tasks)))
+    keep = max(1, int(rank * fraction) if fraction > 0 else rank // n_tasks)  # // : no float rounding of r·(1/N)
     us, ss, vhs = [], [], []
     for index in range(n_tasks):
         task_vector = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
-        u, s, vh = top_singular(task_vector, keep)
+        for collected, part in zip((us, ss, vhs), top_singular(task_vector, keep)):
+            collected.append(part)
         tensors[index] = task_vector = None  # release as we go
-        us.append(u), ss.append(s), vhs.append(vh)
     u_cat, s_cat, vh_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)  # (m, q), (q,), (q, n)
     del us, vhs
     u_orth = polar(u_cat)
@@ -144,8 +144,8 @@ def iso_cts(tensors: list[torch.Tensor], base: torch.Tensor, *, alpha: float,
     us, ss, vhs = [u_common], [s_common], [vh_common]
     for index, task_vector in enumerate(task_vectors):
         task_vector.sub_(u_common @ (u_common.T @ task_vector))  # τ_i off the common subspace
-        u, s, vh = top_singular(task_vector, per_task)
-        us.append(u), ss.append(s), vhs.append(vh)
+        for collected, part in zip((us, ss, vhs), top_singular(task_vector, per_task)):
+            collected.append(part)
         task_vectors[index] = tensors[index] = None  # release as we go
     u_orth = polar(torch.cat(us, dim=1))  # (m, q)
     v_orth = polar(torch.cat(vhs, dim=0).T)  # (n, q)
