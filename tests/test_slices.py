@@ -25,7 +25,8 @@ def four_layers(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("slices")
     first = tiny_llama(layers=4, tie=False, seed=0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=18, n_embd=32, n_layer=3, n_head=2, n_positions=64))
-    return {"a": str(save_model(first, root / "a")), "b": str(save_model(perturbed(first, seed=1, scale=0.1), root / "b")),
+    second = perturbed(first, seed=1, scale=0.1)
+    return {"a": str(save_model(first, root / "a")), "b": str(save_model(second, root / "b")),
             "gpt2": str(save_model(gpt2, root / "gpt2"))}
 
 
@@ -132,12 +133,14 @@ def test_layer_layouts_of_the_common_families(names, prefix):
 
 
 def test_an_unknown_layout_is_a_clear_error():
-    with pytest.raises(MergelabError, match=r"model 'x': no tensor name follows a known layer layout.*model\.layers\.N"):
+    with pytest.raises(MergelabError, match=r"model 'x': no tensor name follows a known layer layout.*"
+                                            r"model\.layers\.N"):
         find_layout(["net.stack.0.weight", "head.weight"], "model 'x'")
 
 
 def test_plan_layers_positions_run_over_each_slice():
-    slices = [Slice(sources=[{"model": "m", "layer_range": [0, 3]}]), Slice(sources=[{"model": "m", "layer_range": [2, 3]}])]
+    slices = [Slice(sources=[{"model": "m", "layer_range": [0, 3]}]),
+              Slice(sources=[{"model": "m", "layer_range": [2, 3]}])]
     layers = plan_layers(slices, {"m": 3})
     assert [layer.position for layer in layers] == [0.0, 0.5, 1.0, 1.0]
     assert [layer.sources for layer in layers] == [(("m", 0),), (("m", 1),), (("m", 2),), (("m", 2),)]

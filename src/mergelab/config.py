@@ -10,8 +10,9 @@ last; tensors outside the layers take its first value, as in mergekit), or a lis
 tensor name wins and an entry without a filter (or with ``filter: "*"``) is the fallback.
 Per-model parameters given at the top level apply to every model, as in mergekit.
 
-mergekit keys that mergelab does not implement yet (``modules``) and misspelt keys are refused with one line that names the key; any other
-problem is reported as one line naming the file and the field path (``models[1].parameters``).
+mergekit keys that mergelab does not implement yet (``modules``) and misspelt keys are refused
+with one line that names the key; any other problem is reported as one line naming the file
+and the field path (``models[1].parameters``).
 """
 
 from __future__ import annotations
