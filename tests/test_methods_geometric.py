@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import mergelab
 from mergelab import MergelabError
 from mergelab.io import CheckpointReader
-from mergelab.methods import METHODS, sphere
+from mergelab.methods import METHODS, PRESETS, sphere
 from mergelab.methods.arcee_fusion import arcee_fusion_notes
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -351,8 +351,13 @@ def test_methods_command_prints_each_method_with_its_parameters_defaults_and_pap
 
     result = CliRunner().invoke(main, ["methods"])
     assert result.exit_code == 0
-    blocks = {block.split()[0]: block for block in re.split(r"\n(?=\S)", result.output.strip())}
+    listing, presets = result.output.split("\npresets", 1)
+    blocks = {block.split()[0]: block for block in re.split(r"\n(?=\S)", listing.strip())}
     assert set(blocks) == set(METHODS)
+    for name, preset in PRESETS.items():  # each paper setting, with its method and values for 4 models
+        assert f"{name:22} {preset.method}: " in presets and preset.source in presets
+    assert "ties-paper             ties: density=0.2, lambda=1 (for 4 models)" in presets
+    assert "task_arithmetic: lambda=0.25 (for 4 models)" in presets
     for name, method in METHODS.items():
         assert f"paper: {method.paper}" in blocks[name]
     assert "weight=required*, nuslerp_flatten=True, nuslerp_row_wise=False" in blocks["nuslerp"]
