@@ -120,8 +120,8 @@ class MergeOptions:
     force: bool = _option(False, "Replace OUT_DIR if it exists (only after the merge succeeded).")
     threads: int | str = _option("auto", "Tensors merged concurrently, or auto (the usable cores, at most 4; "
                                          "--max-memory bounds what they hold).")
-    max_memory: str | int = _option("2.5GB", "Memory the tensors in flight may use together (about (N+3) float32 "
-                                             "copies of each tensor being merged).")
+    max_memory: str | int = _option("2.5GB", "Memory the merge process may use: tensors are merged side by side "
+                                             "only while each one's ~N+3 float32 copies fit.")
     executor: str = _option("local", "local (threads in this process) or ray (tensor jobs as Ray tasks).")
     address: str | None = _option(None, "Ray cluster address for --executor ray (default: start a local one).")
     device: str = _option("cpu", "Where the arithmetic runs: cpu, cuda, cuda:N or mps.")
