@@ -118,7 +118,7 @@ def test_merge_options_refuse_an_unknown_name_with_a_suggestion(tmp_path):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"threads": "2"}, "merge option 'threads' must be an integer, got '2'"),
+    ({"threads": 2.5}, "merge option 'threads' must be an integer or a string, got 2.5"),  # "2" and "auto" are fine
     ({"quiet": 1}, "merge option 'quiet' must be true or false, got 1"),
     ({"seed": True}, "merge option 'seed' must be an integer, got True"),
     ({"shard_size": 1.5}, "merge option 'shard_size' must be a string or an integer, got 1.5"),
