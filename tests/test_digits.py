@@ -14,7 +14,7 @@ from mergelab.cli import main
 from mergelab.continual import TrainSettings
 from mergelab.studies.digits import run_digits_experiment
 
-SMALL = dict(seeds=(0, 1, 2), settings=TrainSettings(steps=30, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.9),
+SMALL = dict(seeds=(0, 1), settings=TrainSettings(steps=30, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.9),
              sfa_p=(0.5,), sfa_beta=(0.5,), sfa_beta_at_p=(), l2_lambda=(0.1,), ewc_lambda=(1e3,))
 
 
@@ -34,7 +34,7 @@ def test_seeds_in_worker_processes_give_the_sequential_results(tmp_path):
     one, two = (json.loads((outputs[w] / "results.json").read_text()) for w in (1, 2))
     assert without_timings(one) == without_timings(two)
     per_seed = one["scenarios"]["domain"]["per_seed"]
-    assert len(per_seed) == 3 and per_seed[0]["runs"] != per_seed[1]["runs"]  # the seeds really differ
+    assert len(per_seed) == 2 and per_seed[0]["runs"] != per_seed[1]["runs"]  # the seeds really differ
 
 
 @pytest.mark.parametrize("workers", [0, -1])
