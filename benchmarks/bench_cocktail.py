@@ -64,7 +64,7 @@ def build_candidates(root: Path, count: int = 4) -> list[Path]:
 def measure(paths: list[str], threads: str, repeats: int, preimport: bool) -> dict:
     """In this (fresh) process: optionally the transformers import alone, the first call, warm calls."""
     started = time.perf_counter()
-    import mergelab.cocktail as cocktail
+    from mergelab.cocktail import fewshot_weights  # mergelab's modules and torch; transformers loads on first use
 
     result = {"import_mergelab_s": time.perf_counter() - started}
     if preimport:
@@ -82,12 +82,12 @@ def measure(paths: list[str], threads: str, repeats: int, preimport: bool) -> di
         result["transformers_first_load_setup_s"] = time.perf_counter() - started
     threads_value = int(threads) if threads.isdigit() else threads
     started = time.perf_counter()
-    weights = cocktail.fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
+    weights = fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
     result["first_s"] = time.perf_counter() - started
     warm = []
     for _ in range(repeats):
         started = time.perf_counter()
-        cocktail.fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
+        fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
         warm.append(time.perf_counter() - started)
     import resource
 
@@ -135,11 +135,12 @@ def main() -> None:
             row = {"neighbour": "busy" if neighbour else "none", "threads": args.threads, "load1_before": load,
                    "cold": cold, "preimported": split}
             rows.append(row)
-            print(f"neighbour {row['neighbour']:4}  threads={args.threads} (-> {cold['auto_threads']}):  first call {cold['first_s']:.2f} s, warm {cold['warm_s']:.2f} s "
+            print(f"neighbour {row['neighbour']:4}  threads={args.threads} (-> {cold['auto_threads']}):  "
+                  f"first call {cold['first_s']:.2f} s, warm {cold['warm_s']:.2f} s "
                   f"(runs {[round(t, 2) for t in cold['warm_runs']]});  import transformers "
                   f"{split['import_transformers_s']:.2f} s + setup {split['transformers_first_load_setup_s']:.2f} s, "
-                  f"first after them {split['first_s']:.2f} s, warm "
-                  f"{split['warm_s']:.2f} s;  import mergelab {cold['import_mergelab_s']:.3f} s, "
+                  f"first after them {split['first_s']:.2f} s, warm {split['warm_s']:.2f} s;  "
+                  f"from mergelab.cocktail import fewshot_weights {cold['import_mergelab_s']:.2f} s, "
                   f"peak RSS {cold['peak_rss_mb']:.0f} MB", flush=True)
     print(f"weights {[round(w, 4) for w in cold['weights']]}")
     if args.json:

@@ -69,7 +69,8 @@ def alpha_sweep(out_dir: str | Path, *, finetuned: str | Path, base: str | Path 
     except OSError as exc:
         raise MergelabError(f"cannot create the sweep output {out_dir}: {exc.strerror or exc}") from None
     settings = dict(recipe=recipe, temperature=temperature, model_type=model_type, options=options,
-                    tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed, threads=threads)
+                    tokenizer=tokenizer, batch_size=batch_size, device=device, budget=budget, seed=seed,
+                    threads=threads)
     try:
         return _sweep(out_dir, models_dir, finetuned, base, peers, examples, tasks, target, evaluate, alphas,
                       keep_models, quiet, settings)
