@@ -247,7 +247,8 @@ def test_the_full_split_digits_experiment_through_the_cli(tmp_path):
 # -- the README's SFA section ----------------------------------------------------------------------
 def readme_sfa_section() -> str:
     readme = (ROOT / "README.md").read_text()
-    return readme[readme.index("## Keep old skills while fine-tuning: SFA"):]
+    section = readme[readme.index("## Keep old skills while fine-tuning: SFA"):]
+    return section[:section.find("\n## ", 3)] if "\n## " in section[3:] else section  # up to the next section
 
 
 def test_readme_sfa_python_example_runs():
