@@ -187,3 +187,18 @@ def test_missing_parts_are_named(lora_world, tmp_path):
     (orphan / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(MergelabError, match="LoRA adapters only"):
         LoraAdapter(orphan)
+
+
+def test_the_one_loader_and_its_check_take_adapters(lora_world):
+    """mergelab.loading (used by eval, the grid and LM-Cocktail) loads an adapter as its base with the
+    adapter merged in, and checks it against its base without loading."""
+    from mergelab.loading import check_model_dir, load_model
+
+    for ref in (str(lora_world["sort"]), f"{lora_world['llama']}+{lora_world['sort']}"):
+        assert check_model_dir(ref).is_dir()
+        model, tokenizer = load_model(ref)
+        expected = merged_by_peft(lora_world["llama"], lora_world["sort"])
+        state = model.state_dict()
+        for name, tensor in expected.items():
+            assert torch.allclose(state[name], tensor, atol=1e-5), name
+        assert tokenizer("copy a b").input_ids

@@ -57,6 +57,10 @@ def check_model_dir(path: str | Path, tokenizer: str | Path | None = None, *, wh
         >>> check_model_dir("experts/math")  # doctest: +SKIP
         PosixPath('experts/math')
     """
+    from mergelab.adapters.loading import adapter_parts, check_model_dir as check_adapter
+
+    if adapter_parts(path) is not None:  # a PEFT adapter directory or BASE+ADAPTER: checked against its base
+        return check_adapter(path, tokenizer, what=what)
     path = Path(path)
     if not path.exists():
         raise MergelabError(f"{what} directory {path} does not exist; check the path")
@@ -179,6 +183,10 @@ def load_model(path: str | Path, kind: str = "causal", *, tokenizer: str | Path 
     Example:
         >>> model, tokenizer = load_model("experts/math")  # doctest: +SKIP
     """
+    from mergelab.adapters.loading import adapter_parts, load_model as load_adapter
+
+    if adapter_parts(path) is not None:  # the base with the adapter merged in
+        return load_adapter(path, kind, tokenizer=tokenizer, device=device, dtype=dtype, what=what, progress=progress)
     from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
