@@ -197,7 +197,8 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
             if method.notes:
                 notes.update(dict.fromkeys(method.notes(params, math.prod(info.shape))))
     for note in notes:
-        logging.getLogger("mergelab").warning(f"{method.name} differs from mergekit here: {note}")
+        where = "differs from mergekit here" if method.in_mergekit else "note"
+        logging.getLogger("mergelab").warning(f"{method.name} {where}: {note}")
 
     card_notes = []
     if vocab is not None:
@@ -697,7 +698,8 @@ class Workspace:
 
     def load(self, reader, name: str, slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``reader``'s tensor ``name`` as ``dtype`` on ``device``, in slot ``slot`` (CPU)."""
-        if device.type != "cpu" or type(reader) is not CheckpointReader:  # adapter-backed or other readers
+        # readers that fill a caller's buffer (CheckpointReader, AdapterReader) reuse the slots; others read fresh
+        if device.type != "cpu" or not getattr(reader, "reads_into_buffers", type(reader) is CheckpointReader):
             return reader.get(name).to(device=device, dtype=dtype)
         info = reader.tensors[name]
         numel = math.prod(info.shape)

@@ -276,14 +276,14 @@ METHODS: dict[str, MergeMethod] = {
          Param("fisher", None, per_model=True, kind=str, tensor_file=True,
                help="path of the model's Fisher file (make one with `mergelab fisher`)")),
         "Matena & Raffel 2022, Merging models with Fisher-weighted averaging (arXiv:2111.09832)",
-        summary="Σ F_i θ_i / Σ F_i", check=check_fisher,
+        summary="Σ F_i θ_i / Σ F_i", check=check_fisher, in_mergekit=False,
     ),
     "lm_cocktail": MergeMethod(
         "lm_cocktail", lm_cocktail,
         (Param("weight", 1.0, per_model=True, low=0.0, help="candidate's weight w_i (normalized)"),
          Param("alpha", 0.5, low=0.0, high=1.0, help="weight of the fine-tuned model (models[0])")),
         "Xiao et al. 2024, LM-Cocktail (arXiv:2311.13534), Eq. 1", min_models=2,
-        summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model", check=check_lm_cocktail,
+        summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model", check=check_lm_cocktail, in_mergekit=False,
     ),
     "tsv": MergeMethod(
         "tsv", tsv,
@@ -293,7 +293,7 @@ METHODS: dict[str, MergeMethod] = {
         "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging "
         "(CVPR 2025, arXiv:2412.00081)", uses_base=True,
         summary="per matrix: each τ_i's top-k singular triplets, U and V orthogonalized, Δ = U⊥ S V⊥ᵀ",
-        notes=subspace_notes,
+        notes=subspace_notes, in_mergekit=False,
     ),
     "iso_c": MergeMethod(
         "iso_c", iso_c,
@@ -301,7 +301,7 @@ METHODS: dict[str, MergeMethod] = {
                help="scale of the merged task matrix (the paper tunes it on validation data; FusionBench's default 1.0)"),),
         "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging (ICML 2025, arXiv:2502.04959), Iso-C",
         uses_base=True, summary="per matrix: Σ τ_i = U S Vᵀ with every singular value set to mean(S)",
-        notes=subspace_notes,
+        notes=subspace_notes, in_mergekit=False,
     ),
     "iso_cts": MergeMethod(
         "iso_cts", iso_cts,
@@ -313,7 +313,7 @@ METHODS: dict[str, MergeMethod] = {
         "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging (ICML 2025, arXiv:2502.04959), Iso-CTS",
         uses_base=True,
         summary="Iso-C on Σ τ_i's top directions plus each τ_i's own top directions outside them",
-        notes=subspace_notes,
+        notes=subspace_notes, in_mergekit=False,
     ),
 }
 

@@ -98,6 +98,8 @@ class MergeMethod:
     # (params of one tensor, its number of entries) -> where this merge deliberately differs from
     # mergekit's, each with the key that selects mergekit's behaviour; warned once per plan
     notes: Callable[[dict[str, Any], int], list[str]] | None = None
+    # False: mergekit has no such method, so plan notes are not phrased as differences from it
+    in_mergekit: bool = True
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
