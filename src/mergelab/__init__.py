@@ -29,8 +29,9 @@ def merge(config, out_dir, **options):
     Args:
         config: a path to a YAML file, a YAML string, a dict, or a ``MergeConfig``.
         out_dir: the directory to create. It appears only when the merge succeeded.
-        **options: ``force``, ``threads``, ``device``, ``seed``, ``shard_size``, ``quiet``,
-            ``no_model_card`` (see ``mergelab.config.MergeOptions``; an unknown name is refused).
+        **options: ``force``, ``threads`` ("auto" or a count), ``max_memory``, ``executor`` ("local" or
+            "ray"), ``address``, ``device``, ``seed``, ``shard_size``, ``quiet``, ``no_model_card`` (see
+            ``mergelab.config.MergeOptions``; an unknown name is refused).
 
     Returns:
         The ``pathlib.Path`` of the merged model directory.
