@@ -177,7 +177,8 @@ def test_a_bad_out_is_refused_before_any_training(tmp_path, monkeypatch, case, d
         pytest.skip("no read-only file system here")
     out, message = cases[case]
     monkeypatch.setattr("mergelab.continual.lm.run_stream", lambda *a, **k: pytest.fail("trained before the check"))
-    monkeypatch.setattr("mergelab.studies.digits.run_split_digits", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("mergelab.studies.digits.worker_pool", lambda *a, **k: pytest.fail("started workers"))
+    monkeypatch.setattr("mergelab.studies.digits.run_seed", lambda *a, **k: pytest.fail("trained"))
     spec = write_spec(tmp_path, tiny_spec())
     before = listing(tmp_path)
     with pytest.raises(MergelabError, match=message):

@@ -84,3 +84,16 @@ def test_thread_and_memory_options_are_checked_before_work(world, tmp_path):
     assert not (tmp_path / "out").exists()
     assert MergeOptions(threads="3").threads == 3  # as the command line passes it
     assert 1 <= merge_threads(MergeOptions()) <= 4
+
+
+def test_auto_merge_threads_follow_a_pinned_thread_count():
+    """A merge inside use_threads(1) (as in a study's worker process) runs one tensor at a time."""
+    from mergelab.config import MergeOptions
+    from mergelab.engine import merge_threads
+    from mergelab.threads import use_threads
+
+    with use_threads(1):
+        assert merge_threads(MergeOptions(threads="auto")) == 1
+    with use_threads(3):
+        assert merge_threads(MergeOptions(threads="auto")) == 3
+    assert merge_threads(MergeOptions(threads=2)) == 2

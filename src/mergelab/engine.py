@@ -603,6 +603,11 @@ def merge_threads(options: MergeOptions) -> int:
     """The worker threads of a local merge: ``--threads``, or for auto the usable cores (≤ 4)."""
     if options.threads != "auto":
         return options.threads
+    from mergelab.threads import pinned_threads
+
+    pinned = pinned_threads()
+    if pinned is not None:  # inside use_threads(n) (a study's worker process pins 1): follow it
+        return pinned
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

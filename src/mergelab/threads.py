@@ -60,6 +60,11 @@ SMALL_MODEL_PARAMS = 100_000_000
 _pinned: ContextVar[int | None] = ContextVar("mergelab_pinned_threads", default=None)
 
 
+def pinned_threads() -> int | None:
+    """The count an enclosing ``use_threads(N)`` pinned (a study's worker pins 1), or None."""
+    return _pinned.get()
+
+
 def set_passive_wait_policy() -> bool:
     """Make OpenMP's idle threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``).
 
