@@ -38,10 +38,12 @@ def _reinforced(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float,
     flat_base = base.reshape(-1)
     blocks = [slice(start, start + CHUNK) for start in range(0, flat_base.numel(), CHUNK)]
     scales = [1.0] * len(deltas)
+    masks: list[list[torch.Tensor]] = []  # RAM+: each block's touched masks, kept from the counting pass (bool)
     if r:  # λ_i from the counts of entries expert i touches alone and shares, over the whole tensor
         alone, touched_total = [0] * len(deltas), [0] * len(deltas)
         for block in blocks:
             touched = [delta[block].abs() > epsilon for delta in deltas]
+            masks.append(touched)
             unique = torch.stack(touched).sum(0) == 1
             for index, mask in enumerate(touched):
                 alone[index] += int((mask & unique).sum())
@@ -49,17 +51,23 @@ def _reinforced(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float,
         for index in range(len(deltas)):
             rho = (touched_total[index] - alone[index]) / max(alone[index], epsilon)
             scales[index] = 1.0 + r * min(max(rho, 0.0), alpha)
-    for block in blocks:
-        touched = [delta[block].abs() > epsilon for delta in deltas]
+    for number, block in enumerate(blocks):
+        touched = masks[number] if masks else [delta[block].abs() > epsilon for delta in deltas]
         count = torch.zeros(touched[0].shape, dtype=torch.int32, device=base.device)  # experts touching each entry
         for mask in touched:
             count.add_(mask)
         unique = count == 1
         inverse = count.clamp_(min=1).to(base.dtype).reciprocal_()  # 1/count: the mean over the experts that share
         merged = torch.zeros_like(flat_base[block])
+        shares: dict[float, torch.Tensor] = {}  # one share tensor per distinct λ (RAM: one in all)
         for delta, mask, scale in zip(deltas, touched, scales):
             # unique entries count once (times λ_i); shared ones are divided by how many share them
-            merged.addcmul_(delta[block] * mask, inverse.masked_fill(unique, scale))
+            share = shares.get(scale)
+            if share is None:
+                share = shares[scale] = inverse.masked_fill(unique, scale)
+            merged.addcmul_(delta[block].mul(mask), share)
+        if masks:
+            masks[number] = []  # release this block's masks
         deltas[0][block] = merged.add_(flat_base[block])
     result = deltas[0].reshape(base.shape)
     tensors.clear()

@@ -21,7 +21,8 @@ UNIFORM_BELOW = 1e-6  # mean squares summing to less than this give every task v
 
 
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float, keep_ties: bool) -> torch.Tensor:
-    """SCE of the experts' task vectors over ``base``; holds the N task vectors plus two tensors."""
+    """SCE of the experts' task vectors over ``base``; holds the N task vectors plus one tensor (the
+    variance) and blocks of 1M entries."""
     n = len(tensors)
     deltas = [tensor.sub_(base) for tensor in tensors]  # τ_i, in the experts' own buffers
     if select_topk < 1.0:
@@ -35,25 +36,32 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float, 
     mean_squares = [float(torch.linalg.vector_norm(delta)) ** 2 / delta.numel() for delta in deltas]
     total = sum(mean_squares)
     weights = [1.0 / n] * n if abs(total) < UNIFORM_BELOW else [m / total for m in mean_squares]
-    elected = torch.zeros_like(base)
-    for delta in deltas:
-        elected.add_(delta)
-    positive = elected >= 0  # γ = +1 here (ties go to +), bool
-    del elected
-    merged = None  # the first task vector's buffer, once masked and weighted
-    agreeing_weight = torch.zeros_like(base)
-    for index, weight in enumerate(weights):
-        delta = deltas[index]
-        agrees = (delta > 0) == positive
-        agrees &= delta != 0  # zeros never agree
-        if merged is None:
-            merged = delta.mul_(agrees).mul_(weight)
-        else:
-            merged.add_(delta.mul_(agrees), alpha=weight)
-        agreeing_weight.add_(agrees, alpha=weight)
-        deltas[index] = tensors[index] = delta = None  # release as we go
-    return merged.div_(agreeing_weight.clamp_(min=UNIFORM_BELOW)).add_(base)
-
+    # Erase, block by block (each block's passes stay in cache; the result goes into the first
+    # task vector's buffer): the same per-entry arithmetic as over whole tensors.
+    flat = [delta.reshape(-1) for delta in deltas]
+    flat_base = base.reshape(-1)
+    for start in range(0, flat_base.numel(), CHUNK):
+        block = slice(start, start + CHUNK)
+        elected = torch.zeros_like(flat_base[block])
+        for delta in flat:
+            elected.add_(delta[block])
+        positive = elected >= 0  # γ = +1 here (ties go to +), bool
+        merged = None  # the first task vector's block, once masked and weighted
+        agreeing_weight = torch.zeros_like(elected)
+        for delta, weight in zip(flat, weights):
+            part = delta[block]
+            agrees = (part > 0) == positive
+            agrees &= part != 0  # zeros never agree
+            if merged is None:
+                merged = part.mul_(agrees).mul_(weight)
+            else:
+                merged.add_(part.mul_(agrees), alpha=weight)
+            agreeing_weight.add_(agrees, alpha=weight)
+        merged.div_(agreeing_weight.clamp_(min=UNIFORM_BELOW)).add_(flat_base[block])
+    result = flat[0].reshape(base.shape)  # where the blocks were written (a view of τ_1's buffer)
+    deltas.clear()
+    tensors.clear()
+    return result
 
 CHUNK = 1 << 20  # entries per block of the variance pass: a few MB of temporaries instead of two whole tensors
 
