@@ -23,17 +23,16 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import HERE, MODELS, git_head, run_meta, timed, warm_cache  # noqa: E402
+from bench_merge import HERE, MODELS  # noqa: E402
+from bench_methods import run_configs  # noqa: E402
 
 TIES_DENSITY = 0.2
 TARGET_RATIO = 5.0
@@ -116,52 +115,8 @@ def per_tensor(args) -> None:
         print(f"  {method}: {total:.0f} s{ratio}{note}")
 
 
-def run_case(args, name: str, config_path: Path) -> dict:
-    out_dir = args.out / f"s-{name}"
-    command = [str(Path(sys.executable).parent / "mergelab"), "merge", str(config_path), str(out_dir),
-               "--threads", "1", "--quiet", "--force", "--no-model-card"]
-    runs = []
-    while sum(r["quiet"] for r in runs) < args.repeats and len(runs) < max(args.repeats, args.max_runs):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.sync()
-        run = timed(command, args.max_wait, {"OMP_NUM_THREADS": "1"})
-        runs.append(dict(run, quiet=run["others_cpu_s"] <= 0.1 * run["wall_s"] * os.cpu_count()))
-        print(f"  {name}: {runs[-1]}", flush=True)
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return {"command": command, "commit": git_head(), "runs": runs,
-            "wall_s": min(r["wall_s"] for r in runs), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
-
-
-def table(results: dict) -> str:
-    ties = results.get("ties", {}).get("wall_s")
-    lines = ["| method | wall s (min) | × TIES | peak RSS GB (max) | runs: wall s (others' CPU s) | within 5× TIES |",
-             "|---|---:|---:|---:|---|---|"]
-    for name, r in results.items():
-        ratio = r["wall_s"] / ties if ties else float("nan")
-        quiet = "" if any(x["quiet"] for x in r["runs"]) else " (no quiet run)"
-        walls = ", ".join(f"{x['wall_s']:.1f} ({x['others_cpu_s']:.0f})" for x in r["runs"])
-        lines.append(f"| {name} | {r['wall_s']:.1f} | {ratio:.2f} | {r['peak_rss_gb']:.2f} | {walls} | "
-                     f"{'yes' if ratio <= TARGET_RATIO else '**no**'}{quiet} |")
-    return "\n".join(lines)
-
-
 def whole_model(args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.threads, args.mergekit_venv = 1, None  # for run_meta
-    warm_cache(args.data)
-    stored = json.loads(args.results.read_text()) if args.only and args.results.is_file() else {"results": {}}
-    results = stored["results"]
-    for name, config in configs(args.data).items():
-        if args.only and name not in args.only:
-            continue
-        config_path = args.out / f"subspace-{name}.yml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        print(f"{name}:", flush=True)
-        results[name] = run_case(args, name, config_path)
-    print(table(results))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"meta": run_meta(args), "results": results}, indent=2) + "\n")
-    print(f"wrote {args.results}")
+    run_configs(args, configs(args.data), "s", TARGET_RATIO)
 
 
 def main() -> None:
