@@ -431,6 +431,12 @@ def sfa(spec, digits, out, force, quiet, workers, threads) -> None:
     click.echo(f"results written to {path}")
 
 
+# -- studies (mergelab.studies) --------------------------------------------------------------
+@main.group()
+def study() -> None:
+    """Studies that vary the demo world along the papers' axes and test each claim along them."""
+
+
 # -- adapters (mergelab.adapters) ------------------------------------------------------------
 @main.group()
 def adapters() -> None:
