@@ -113,7 +113,7 @@ def successor(rng):
 class WorldTask:
     name: str
     category: str
-    split: str  # held_in / held_out
+    split: str  # held_in / held_out (WORLD_TASKS) or instruction (INSTRUCTION_TASKS)
     kind: str  # rank_classification / generation
     make: Generator
 
@@ -135,6 +135,61 @@ WORLD_TASKS = [
     WorldTask("max", "comparison", "held_out", "rank_classification", maximum),
     WorldTask("has", "membership", "held_out", "rank_classification", member),
     WorldTask("next", "counting", "held_out", "rank_classification", successor),
+]
+
+
+# -- instruction tasks (the FLAN analogue of the scale study's `instruction` base kind) ---------
+# Seven more skills over the same vocabulary, each introduced by its own instruction word. They
+# are neither held-in nor held-out: only an `instruction` base is trained on them.
+
+
+def first(rng):
+    xs = _digits(rng)
+    return {"input": f"the {' '.join(xs)} =", "output": xs[0]}
+
+
+def last(rng):
+    xs = _digits(rng)
+    return {"input": f"and {' '.join(xs)} =", "output": xs[-1]}
+
+
+def length(rng):
+    xs = _digits(rng, 1, 5)
+    return _choice(rng, f"service {' '.join(xs)} ?", str(len(xs)), DIGITS[1:7])
+
+
+def letter_at(rng):
+    index = rng.randrange(len(KEYS))
+    return _choice(rng, f"film {index} =", KEYS[index], KEYS)
+
+
+def key_of(rng):
+    keys = rng.sample(KEYS, 3)
+    values = rng.sample(DIGITS, 3)
+    asked = rng.randrange(3)
+    pairs = " ".join(f"{k} {v}" for k, v in zip(keys, values))
+    return _choice(rng, f"food {pairs} ; {values[asked]} ?", keys[asked], keys, k=3)
+
+
+def polarity(rng):
+    word = rng.choice(POSITIVE + NEGATIVE)
+    return _choice(rng, f"very {word} ?", "positive" if word in POSITIVE else "negative", ["positive", "negative"],
+                   k=2)
+
+
+def digit_parity(rng):
+    digit = rng.randrange(10)
+    return _choice(rng, f"was {digit} ?", "odd" if digit % 2 else "even", ["even", "odd"], k=2)
+
+
+INSTRUCTION_TASKS = [
+    WorldTask("first", "instruction", "instruction", "generation", first),
+    WorldTask("last", "instruction", "instruction", "generation", last),
+    WorldTask("length", "instruction", "instruction", "rank_classification", length),
+    WorldTask("letter", "instruction", "instruction", "rank_classification", letter_at),
+    WorldTask("key", "instruction", "instruction", "rank_classification", key_of),
+    WorldTask("polarity", "instruction", "instruction", "rank_classification", polarity),
+    WorldTask("digit_parity", "instruction", "instruction", "rank_classification", digit_parity),
 ]
 
 

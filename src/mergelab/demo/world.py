@@ -15,25 +15,45 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml
 
 from mergelab.config import read_records
-from mergelab.demo.tasks import VOCABULARY, WORLD_TASKS, as_training_pair, make_split
+from mergelab.demo.tasks import INSTRUCTION_TASKS, VOCABULARY, WORLD_TASKS, as_training_pair, make_split
 from mergelab.demo.tiny import save
+from mergelab.errors import MergelabError
 from mergelab.lm import build_tokenizer, tiny_llama, train
 from mergelab.outdir import atomic_directory
 from mergelab.parallel import WorkerPool, worker_pool
 
 WORLD_VERSION = 1  # bump when tasks or training change, so stale caches are not reused
 
+# The scale study's model sizes (docs/scale-study.md): hidden, layers, heads, intermediate. `medium`
+# is the demo world's model; `tiny` and `mini` are for the quick (smoke) study only.
+SIZES = {
+    "tiny": dict(hidden=16, layers=1, heads=2, intermediate=32),
+    "mini": dict(hidden=32, layers=2, heads=2, intermediate=64),
+    "small": dict(hidden=64, layers=2, heads=4, intermediate=128),
+    "medium": dict(hidden=128, layers=4, heads=4, intermediate=256),
+    "large": dict(hidden=256, layers=6, heads=8, intermediate=512),
+}
+# plain: the demo's base; instruction: further trained on INSTRUCTION_TASKS (the FLAN analogue);
+# pretrained: pretrained with a share of each held-in skill, experts are light fine-tunes.
+BASE_KINDS = ("plain", "instruction", "pretrained")
+
 
 @dataclass(frozen=True)
 class WorldSettings:
-    """Everything the world depends on; its hash names the cache directory."""
+    """Everything the world depends on; its hash names the cache directory.
+
+    ``size`` (a key of ``SIZES``) sets hidden, layers, heads and intermediate; ``base_kind`` (one
+    of ``BASE_KINDS``) picks the world family of docs/scale-study.md. The fields after
+    ``multitask_steps`` stay out of the cache key at their defaults, so the demo world's key
+    (and cache) is the same as before they existed.
+    """
 
     seed: int = 0
     hidden: int = 128
@@ -49,11 +69,53 @@ class WorldSettings:
     expert_steps: int = 250
     expert_lr: float = 2e-3
     multitask_steps: int = 600
+    size: str | None = None
+    base_kind: str = "plain"
+    instruction_steps: int = 300  # instruction: extra base steps on instructions + the general mixture
+    pretrain_share: float = 0.1  # pretrained: share of each held-in task's training examples in pretraining
+    light_expert_steps: int = 80  # pretrained: the experts' light fine-tune (the multitask model: 8× the steps)
+    light_expert_lr: float = 5e-4
+
+    def __post_init__(self) -> None:
+        if self.base_kind not in BASE_KINDS:
+            raise MergelabError(f"base_kind '{self.base_kind}' is not known; use one of {', '.join(BASE_KINDS)}")
+        if not 0 <= self.pretrain_share <= 1:
+            raise MergelabError(f"pretrain_share must be between 0 and 1; got {self.pretrain_share}")
+        if self.size is None:
+            return
+        if self.size not in SIZES:
+            raise MergelabError(f"size '{self.size}' is not known; use one of {', '.join(SIZES)}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in SIZES[self.size].items():
+            if getattr(self, name) not in (defaults[name], value):
+                raise MergelabError(f"size '{self.size}' sets {name}={value}; drop {name}={getattr(self, name)} "
+                                    f"or the size")
+            object.__setattr__(self, name, value)
+
+    @property
+    def name(self) -> str:
+        """A readable name for titles and tables: ``<size> <base_kind>`` (size: hidden×layers if none)."""
+        return f"{self.size or f'h{self.hidden}x{self.layers}'} {self.base_kind}"
+
+    @property
+    def expert_schedule(self) -> tuple[int, float, int]:
+        """(expert steps, expert and multitask learning rate, multitask steps) of this family."""
+        if self.base_kind == "pretrained":
+            return self.light_expert_steps, self.light_expert_lr, 8 * self.light_expert_steps
+        return self.expert_steps, self.expert_lr, self.multitask_steps
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "version": WORLD_VERSION,
+        defaults = {f.name: f.default for f in fields(self)}
+        settings = {name: value for name, value in asdict(self).items()
+                    if name not in _FAMILY_FIELDS or value != defaults[name]}
+        settings.pop("size", None)  # the architecture fields it sets are in the key
+        payload = json.dumps({**settings, "version": WORLD_VERSION,
                               "tasks": [(t.name, t.split, t.kind) for t in WORLD_TASKS]}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+_FAMILY_FIELDS = ("size", "base_kind", "instruction_steps", "pretrain_share", "light_expert_steps",
+                  "light_expert_lr")
 
 
 @dataclass
@@ -164,28 +226,48 @@ def _write_tasks(world: World) -> None:
             path = world.data_file(task.name, split)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in make_split(task, split, count, settings.seed)))
+    if settings.base_kind == "instruction":  # only its base is trained on them; never scored by the grid
+        for task in INSTRUCTION_TASKS:
+            for split, count in (("train", settings.train_examples), ("test", settings.test_examples)):
+                path = world.data_file(task.name, split)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(r) + "\n" for r in make_split(task, split, count, settings.seed)))
     for split in ("validation", "test"):
         tasks = [{"name": t.name, "category": t.category, "split": t.split, "kind": t.kind, "metric": t.metric,
                   "data": f"data/{t.name}/{split}.jsonl", "options": {"max_new_tokens": 8}} for t in WORLD_TASKS]
         world.tasks_file(split).write_text(yaml.safe_dump({"tasks": tasks}, sort_keys=False))
 
 
-def training_pairs(world: World, names: list[str]) -> list[dict[str, str]]:
-    return [pair for name in names for pair in world.pairs(name, "train")]
+def training_pairs(world: World, names: list[str], shares: dict[str, int] | None = None) -> list[dict[str, str]]:
+    """The training pairs of ``names``, plus the first ``count`` of each task in ``shares``."""
+    extra = [pair for name, count in (shares or {}).items() for pair in world.pairs(name, "train", count)]
+    return [pair for name in names for pair in world.pairs(name, "train")] + extra
 
 
 def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) -> None:
     settings = world.settings
     held_in = [t.name for t in WORLD_TASKS if t.split == "held_in"]
     general = [t.name for t in WORLD_TASKS if t.split != "held_in"]
-    seconds = pool.submit(train_world_model, world, None, world.base, general, settings.base_steps,
-                          settings.base_lr, settings.seed).result()
-    log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)}), {seconds:.0f} s")
+    shares = {}
+    if settings.base_kind == "pretrained":  # broad, weak competence on the held-in skills before the experts
+        shares = {name: round(settings.pretrain_share * settings.train_examples) for name in held_in}
+    first = world.root / "models" / "base-general" if settings.base_kind == "instruction" else world.base
+    seconds = pool.submit(train_world_model, world, None, first, general, settings.base_steps,
+                          settings.base_lr, settings.seed, shares).result()
+    log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)})"
+        + (f" and {settings.pretrain_share:.0%} of each held-in task" if shares else "") + f", {seconds:.0f} s")
+    if settings.base_kind == "instruction":  # the FLAN analogue: instructions, with the general mixture kept
+        mixture = [t.name for t in INSTRUCTION_TASKS] + general
+        seconds = pool.submit(train_world_model, world, first, world.base, mixture, settings.instruction_steps,
+                              settings.base_lr, settings.seed + 200).result()
+        log(f"  instruction tuning of the base: {settings.instruction_steps} steps on {len(INSTRUCTION_TASKS)} "
+            f"instruction tasks and the general mixture, {seconds:.0f} s")
+    expert_steps, expert_lr, multitask_steps = settings.expert_schedule
     # every other model starts from the saved base (bit for bit the trained one) with its own seed
-    units = [(f"expert '{name}'", [name], settings.expert_steps, settings.seed + 1 + index, path)
+    units = [(f"expert '{name}'", [name], expert_steps, settings.seed + 1 + index, path)
              for index, (name, path) in enumerate(world.experts.items())]
-    units.append(("multitask", held_in, settings.multitask_steps, settings.seed + 100, world.multitask))
-    runs = pool.imap(train_world_model, [(world, world.base, path, names, steps, settings.expert_lr, seed)
+    units.append(("multitask", held_in, multitask_steps, settings.seed + 100, world.multitask))
+    runs = pool.imap(train_world_model, [(world, world.base, path, names, steps, expert_lr, seed)
                                          for _, names, steps, seed, path in units])
     for (label, names, steps, _, _), seconds in zip(units, runs):
         what = "all held-in tasks" if label == "multitask" else f"'{names[0]}'"
@@ -193,9 +275,10 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) ->
 
 
 def train_world_model(world: World, start: Path | None, out: Path, tasks: list[str], steps: int, lr: float,
-                      seed: int) -> float:
-    """Train one model of the world on ``tasks`` (from scratch, or from the model saved in
-    ``start``) and save it in ``out``; returns the seconds it took. A unit of ``build_world``."""
+                      seed: int, shares: dict[str, int] | None = None) -> float:
+    """Train one model of the world on ``tasks`` (and the first ``shares[task]`` examples of other
+    tasks) from scratch, or from the model saved in ``start``, and save it in ``out``; returns the
+    seconds it took. A unit of ``build_world``."""
     from transformers import AutoModelForCausalLM
 
     tick = time.perf_counter()
@@ -206,7 +289,7 @@ def train_world_model(world: World, start: Path | None, out: Path, tasks: list[s
                            heads=settings.heads, intermediate=settings.intermediate, tie=True, seed=settings.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(start)
-    train(model, tokenizer, training_pairs(world, tasks), steps, lr=lr, batch_size=settings.batch_size, seed=seed)
+    train(model, tokenizer, training_pairs(world, tasks, shares), steps, lr=lr, batch_size=settings.batch_size, seed=seed)
     save(model, tokenizer, out)
     return time.perf_counter() - tick
 
