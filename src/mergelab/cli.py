@@ -171,6 +171,31 @@ def fisher(model_dir, data, out, samples, max_length, device, force, tokenizer, 
     click.echo(f"Fisher written to {path}")
 
 
+@main.command(name="regmean-stats")
+@click.argument("model_dir")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path),
+              help="Task records (JSONL/JSON/YAML): {input, output}, {input, options, answer}, {text} or strings.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Statistics .safetensors to write (one [in, in] Gram per linear weight).")
+@click.option("--examples", default=256, show_default=True, help="Use the first this many records.")
+@click.option("--max-length", default=512, show_default=True, help="Tokens kept of each record.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=Path),
+              help="Use this directory's tokenizer (for a model saved without one).")
+@click.option("--quiet", is_flag=True)
+@_threads_option
+def regmean_stats(model_dir, data, out, examples, max_length, batch_size, device, force, tokenizer, quiet,
+                  threads) -> None:
+    """Compute MODEL_DIR's input Gram matrices X^T X on DATA (for `merge_method: regmean`, `gram: FILE`)."""
+    from mergelab.grams import regmean_stats as run
+
+    path = run(model_dir, data, out, examples=examples, max_length=max_length, batch_size=batch_size, device=device,
+               force=force, tokenizer=tokenizer, threads=threads, quiet=quiet)
+    click.echo(f"statistics written to {path}")
+
+
 @main.command(name="eval")
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tasks", "tasks", default=None, type=click.Path(path_type=Path), help="Tasks YAML/JSON file.")

@@ -200,7 +200,7 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
         where = "differs from mergekit here" if method.in_mergekit else "note"
         logging.getLogger("mergelab").warning(f"{method.name} {where}: {note}")
 
-    card_notes = []
+    card_notes = _tensor_file_notes(tensor_files, experts)
     if vocab is not None:
         for job in jobs:
             if job.remap_rows:
@@ -483,7 +483,9 @@ def _shape_message(name, reference, source, shape_a, shape_b) -> str:
 def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeConfig,
                        opened: list[CheckpointReader]) -> dict[str, list[CheckpointReader]]:
     """Open, for each tensor-file parameter of the method (a Fisher, say), every expert's file,
-    and check it holds each floating-point tensor of that expert with the same shape."""
+    and check it against the expert: ``tensor_file_shape`` "same", each floating-point tensor
+    with the same shape; "columns", [in, in] for some 2-D tensors [out, in], the same names in
+    every expert's file."""
     files: dict[str, list[CheckpointReader]] = {}
     for param in method.tensor_files:
         readers = files[param.name] = []
@@ -493,6 +495,10 @@ def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeCon
                 raise MergelabError(f"model '{source.ref}' needs parameters.{param.name}: the {param.help}")
             reader = CheckpointReader(_locate(path, cfg), label=f"{param.name} of {source.ref}")
             opened.append(reader)
+            if param.tensor_file_shape == "columns":
+                _check_column_file(param.name, reader, source, readers[0] if readers else None, experts[0].ref)
+                readers.append(reader)
+                continue
             for name, info in source.reader.tensors.items():
                 if not info.dtype.is_floating_point:
                     continue
@@ -505,6 +511,47 @@ def _open_tensor_files(method: MergeMethod, experts: list[Source], cfg: MergeCon
                                         f"model '{source.ref}' has {info.shape}")
             readers.append(reader)
     return files
+
+
+def _tensor_file_notes(tensor_files: dict[str, list[CheckpointReader]], experts: list[Source]) -> list[str]:
+    """One model-card line per tensor file the merge used (a Fisher, RegMean's Grams): its path,
+    how many tensors it holds, and what its writer recorded (``mergelab regmean-stats``: examples)."""
+    from safetensors import safe_open
+
+    notes = []
+    for param_name, readers in tensor_files.items():
+        for source, reader in zip(experts, readers):
+            recorded = {}
+            if reader.path.is_file() and reader.path.suffix == ".safetensors":
+                with safe_open(reader.path, "pt") as handle:
+                    recorded = {k: v for k, v in (handle.metadata() or {}).items() if k != "format"}
+            extra = "".join(f", {key} {value}" for key, value in sorted(recorded.items()))
+            notes.append(f"{param_name} of `{source.ref}`: `{reader.path}` ({len(reader.tensors)} tensors{extra})")
+    return notes
+
+
+def _check_column_file(param: str, reader: CheckpointReader, source: Source, first: CheckpointReader | None,
+                       first_ref: str) -> None:
+    """A per-tensor [in, in] file (RegMean's Grams): each entry names a 2-D floating-point tensor
+    [out, in] of the model and has shape [in, in]; every expert's file covers the same tensors."""
+    if not reader.tensors:
+        raise MergelabError(f"{param} file {reader.path} holds no tensors; recompute it for model '{source.ref}'")
+    for name, found in reader.tensors.items():
+        info = source.reader.tensors.get(name)
+        if info is None or len(info.shape) != 2 or not info.dtype.is_floating_point:
+            what = "has no such tensor" if info is None else f"has it with shape {tuple(info.shape)}, not a 2-D weight"
+            raise MergelabError(f"{param} file {reader.path}: tensor '{name}' does not belong to a 2-D weight of model "
+                                f"'{source.ref}' (the model {what}); recompute it for this model")
+        columns = info.shape[1]
+        if tuple(found.shape) != (columns, columns):
+            raise MergelabError(f"{param} file {reader.path}: tensor '{name}' has shape {tuple(found.shape)}, but "
+                                f"model '{source.ref}' has that weight as {tuple(info.shape)}, so it must be "
+                                f"({columns}, {columns}); recompute it for this model")
+    if first is not None and set(first.tensors) != set(reader.tensors):
+        only = sorted(set(first.tensors) ^ set(reader.tensors))[0]
+        holder, other = (first, reader) if only in first.tensors else (reader, first)
+        raise MergelabError(f"{param} file {holder.path} has tensor '{only}' but {other.path} does not; compute "
+                            f"every model's {param} file the same way (model '{first_ref}' and '{source.ref}')")
 
 
 def _dtypes(cfg: MergeConfig) -> tuple[torch.dtype, torch.dtype | None]:
@@ -621,8 +668,12 @@ def job_bytes(plan: MergePlan, job: TensorJob) -> int:
     numel = math.prod(job.shape)
     if job.params is None and not job.remap_rows:
         return numel * job.out_dtype.itemsize * 2
-    inputs = len(plan.experts) + (1 if plan.base else 0) + sum(len(r) for r in plan.tensor_files.values())
-    return numel * (plan.compute_dtype.itemsize * (inputs + METHOD_TEMPORARIES) + 4 + job.out_dtype.itemsize)
+    inputs = len(plan.experts) + (1 if plan.base else 0)
+    # tensor-file entries have their own shapes ([in, in] Grams); a method may solve with them in float64
+    files = sum(math.prod(reader.tensors[job.name].shape) for readers in plan.tensor_files.values()
+                for reader in readers if job.name in reader.tensors)
+    return (numel * (plan.compute_dtype.itemsize * (inputs + METHOD_TEMPORARIES) + 4 + job.out_dtype.itemsize)
+            + files * (plan.compute_dtype.itemsize + 8))
 
 
 def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, progress=None,
@@ -825,7 +876,8 @@ def _merge_tensor_rows(plan: MergePlan, job: TensorJob, device: torch.device,
     if plan.method.uses_seed and job.params is not None:
         extra.update(seed=plan.options.seed, key=job.name)
     for param_name, readers in plan.tensor_files.items():  # one tensor per expert, e.g. fisher=
-        extra[param_name] = [load(reader) for reader in readers]
+        # a "columns" file (RegMean's Grams) has entries for some tensors only: None for the others
+        extra[param_name] = [load(reader) if job.name in reader.tensors else None for reader in readers]
     if job.remap_rows:
         method, params = (plan.method, job.params) if job.params is not None else (_COPY, {"scale": [1.0]})
         merged = merge_rows(plan.vocab, method, params, extra, (base_input[0].ref, base) if base_input else None,
@@ -845,7 +897,8 @@ def _merge_tensor_rows(plan: MergePlan, job: TensorJob, device: torch.device,
 
 def _explain_non_finite(plan: MergePlan, job: TensorJob) -> None:
     base_input, expert_inputs = _job_inputs(plan, job)
-    files = [(reader, job.name, reader.label) for readers in plan.tensor_files.values() for reader in readers]
+    files = [(reader, job.name, reader.label) for readers in plan.tensor_files.values() for reader in readers
+             if job.name in reader.tensors]
     for reader, name, label in [(s.reader, n, f"model '{s.ref}'") for s, n in ([base_input] if base_input else [])
                                 + expert_inputs] + files:
         tensor = reader.get(name)

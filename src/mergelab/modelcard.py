@@ -50,3 +50,12 @@ def write_model_card(directory: Path, **fields) -> Path:
     path = Path(directory) / "README.md"
     path.write_text(model_card(**fields))
     return path
+
+
+def append_card_section(directory: Path, title: str, text: str) -> Path:
+    """Add a ``## title`` section to ``directory/README.md`` (what a data-aware method learned or
+    used, say); returns its path."""
+    path = Path(directory) / "README.md"
+    with path.open("a") as card:
+        card.write(f"\n## {title}\n\n{text.rstrip()}\n")
+    return path

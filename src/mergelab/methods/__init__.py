@@ -30,6 +30,7 @@ from mergelab.methods.nearswap import nearswap
 from mergelab.methods.nuslerp import nuslerp
 from mergelab.methods.passthrough import passthrough
 from mergelab.methods.ram import ram, ramplus_tl
+from mergelab.methods.regmean import regmean, regmean_notes
 from mergelab.methods.sce import sce
 from mergelab.methods.slerp import slerp
 from mergelab.methods.sparsify import Sparsify
@@ -284,6 +285,18 @@ METHODS: dict[str, MergeMethod] = {
          Param("alpha", 0.5, low=0.0, high=1.0, help="weight of the fine-tuned model (models[0])")),
         "Xiao et al. 2024, LM-Cocktail (arXiv:2311.13534), Eq. 1", min_models=2,
         summary="α·M_t + (1−α)·Σ w_i M_i, M_t = first model", check=check_lm_cocktail, in_mergekit=False,
+    ),
+    "regmean": MergeMethod(
+        "regmean", regmean,
+        (Param("alpha", 0.9, low=0.0, high=1.0,
+               help="scale of the Grams' off-diagonal entries (the paper's 0.9; 1: plain RegMean)"),
+         Param("gram", None, per_model=True, kind=str, tensor_file=True, tensor_file_shape="columns",
+               help="path of the model's Gram file (make one with `mergelab regmean-stats`)")),
+        "Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, ICLR 2023, "
+        "arXiv:2212.09849)", min_models=1,
+        summary="per linear weight: Wᵀ = (Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ, G̃_i = the input Gram with off-diagonals × alpha; "
+                "other tensors averaged",
+        notes=regmean_notes, in_mergekit=False,
     ),
     "tsv": MergeMethod(
         "tsv", tsv,

@@ -40,6 +40,10 @@ class Param:
     # A per-model path to a tensor file with one tensor per model tensor (a Fisher, say): the
     # engine opens it beside the model and passes, under this name, one tensor per model.
     tensor_file: bool = False
+    # What a tensor file holds: "same" (a Fisher: every floating-point tensor of the model, with
+    # its shape) or "columns" (only some 2-D tensors [out, in] have an entry, of shape [in, in],
+    # e.g. RegMean's input Grams; the method gets None for a tensor the file does not have).
+    tensor_file_shape: str = "same"
     # No default: every model must be given a value (mergekit's required parameters).
     required: bool = False
 
