@@ -13,7 +13,7 @@ from mergelab.cli import main
 from mergelab.demo.tasks import INSTRUCTION_TASKS, VOCABULARY, WORLD_TASKS
 from mergelab.demo.world import SIZES, WorldSettings
 from mergelab.errors import MergelabError
-from mergelab.evaluate.evidence import INCONCLUSIVE, NOT_REPRODUCED, PARTLY, REPRODUCED
+from mergelab.evaluate.evidence import INCONCLUSIVE, PARTLY, REPRODUCED
 from mergelab.studies.scale import QUICK, cocktail_claims, run_scale_study, scale_claims
 
 
@@ -123,7 +123,7 @@ def test_scale_verdicts_on_a_hand_made_table():
     beat = claims["Large merged models beat multitask training on held-out tasks"]
     assert beat["verdict"] == PARTLY
     assert "2/4 parts reproduced, 2 reversed" in beat["line"] and "plain best 1.10 vs 1.20" in beat["line"]
-    assert len(beat["table"]) == 2 + 4
+    assert len(beat["table"]) == 4 + 4  # caption, blank, header, rule, one row per (kind, method)
 
 
 def test_a_gap_within_the_seeds_spread_is_inconclusive():
@@ -171,3 +171,80 @@ def test_cocktail_verdicts_on_a_hand_made_table():
     runs[0]["score"] = 0.5  # add's seeds now spread 0.5..0.99: within the spread of the expert's 1.0 − ε
     claims = {c["claim"]: c for c in cocktail_claims(runs, experts, sweeps, ["small"], ["plain"])}
     assert claims["LM-Cocktail keeps the target within ε=0.05 of the expert (small plain)"]["verdict"] == INCONCLUSIVE
+
+
+# -- the quick study end to end --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    results = run_scale_study(root / "out", quick=True, workers=2, cache=root / "cache", log=lambda *_: None)
+    return root, results
+
+
+@pytest.mark.slow
+def test_the_quick_study_writes_figures_report_and_verdicts_computed_from_its_results(quick_study):
+    root, results = quick_study
+    out = root / "out"
+    for name in ("held-in.png", "held-out.png", "cocktail-sweeps.png", "report.md", "results.json", "verdicts.json"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    config = saved["config"]
+    assert len(saved["worlds"]) == len(QUICK.sizes) * len(QUICK.base_kinds)
+    cells = {(r["size"], r["base_kind"], r["method"], r["n_experts"], r["seed"]) for r in saved["grid"]}
+    assert len(cells) == len(saved["grid"]) == 6 * len(QUICK.methods) * len(QUICK.n_experts) * len(QUICK.seeds)
+    # the verdicts on disk are what the verdict code computes from the results on disk
+    again = scale_claims(saved["grid"], saved["multitask"], config["sizes"], config["base_kinds"]) \
+        + cocktail_claims(saved["cocktail"], saved["cocktail_experts"], saved["sweeps"], config["sizes"],
+                          config["base_kinds"])
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert verdicts == [{k: c[k] for k in ("claim", "verdict", "line")} for c in again]
+    assert len(verdicts) == 5 + 3 * 6 + 3
+    report = (out / "report.md").read_text()
+    assert all(v["line"] in report for v in verdicts)
+    assert all(w["name"] in report for w in saved["worlds"])  # every configuration that was run
+    assert str(root / "cache") not in report  # model names in titles, not cache paths
+
+
+@pytest.mark.slow
+def test_the_study_resumes_from_its_cached_runs(quick_study, tmp_path):
+    root, results = quick_study
+    again = run_scale_study(tmp_path / "again", quick=True, workers=1, cache=root / "cache", log=lambda *_: None)
+    assert again["grid"] == results["grid"] and again["cocktail"] == results["cocktail"]
+
+
+@pytest.mark.slow
+def test_the_grid_fans_out_over_a_local_ray_instance(quick_study, tmp_path):
+    ray = pytest.importorskip("ray")
+    root, _ = quick_study
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:  # other seeds than the local run's: the worlds are reused, every cell runs on Ray
+        results = run_scale_study(tmp_path / "ray", quick=True, seeds=[3, 4], workers=1, executor="ray",
+                                  cache=root / "cache", log=lambda *_: None)
+    finally:
+        ray.shutdown()
+    assert {r["seed"] for r in results["grid"]} == {3, 4}
+    assert (tmp_path / "ray" / "verdicts.json").is_file()
+
+
+# -- the CLI's refusals, before any world is built ---------------------------------------------------
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--seeds", "0"], "at least two distinct seeds"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),
+    (["--address", "127.0.0.1:6379"], "--address names a Ray cluster; give it with --executor ray"),
+    (["--workers", "0"], "--workers"),
+])
+def test_the_cli_refuses_bad_options_before_any_work(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["study", "scale", "--out", str(tmp_path / "out"), "--quick", *arguments])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_cli_refuses_an_existing_output_without_force(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "out").mkdir()
+    result = CliRunner().invoke(main, ["study", "scale", "--out", str(tmp_path / "out"), "--quick"])
+    assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output
+    assert not (tmp_path / "cache").exists()

@@ -289,7 +289,8 @@ def train_world_model(world: World, start: Path | None, out: Path, tasks: list[s
                            heads=settings.heads, intermediate=settings.intermediate, tie=True, seed=settings.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(start)
-    train(model, tokenizer, training_pairs(world, tasks, shares), steps, lr=lr, batch_size=settings.batch_size, seed=seed)
+    train(model, tokenizer, training_pairs(world, tasks, shares), steps, lr=lr, batch_size=settings.batch_size,
+          seed=seed)
     save(model, tokenizer, out)
     return time.perf_counter() - tick
 

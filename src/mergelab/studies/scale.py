@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from mergelab.errors import MergelabError
-from mergelab.evaluate.evidence import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTED, REPRODUCED, combine, compare, \
-    summarize
+from mergelab.evaluate.evidence import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTED, PARTLY, REPRODUCED, combine, \
+    compare, summarize
 
 SPLITS = ("held_in", "held_out")
 METHODS = ("averaging", "task_arithmetic", "ties", "dare_ties")  # the demo grid's (mergelab.demo.demo_spec)
@@ -38,6 +38,7 @@ class ScaleConfig:
     """What the study runs. The defaults are the full study of docs/scale-study.md."""
 
     sizes: tuple[str, ...] = ("small", "medium", "large")
+    methods: tuple[str, ...] = METHODS
     base_kinds: tuple[str, ...] = ("plain", "instruction", "pretrained")
     n_experts: tuple[int, ...] = (2, 4, 6, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -53,7 +54,8 @@ class ScaleConfig:
 
 # The smoke version (`--quick`): tiny models, short training, few test examples; meaningless numbers.
 QUICK = ScaleConfig(
-    sizes=("tiny", "mini"), n_experts=(2, 4), seeds=(0, 1), cocktail_targets=("add",), alphas=(0.5, 1.0),
+    sizes=("tiny", "mini"), methods=("averaging", "ties"), n_experts=(2, 4), seeds=(0, 1), cocktail_targets=("add",),
+    alphas=(0.5, 1.0),
     world=dict(train_examples=200, validation_examples=20, test_examples=20, base_steps=30, expert_steps=10,
                multitask_steps=30, instruction_steps=15, light_expert_steps=5))
 
@@ -133,7 +135,7 @@ def results_of_world(config: ScaleConfig, size: str, kind: str, results: dict, p
     work.mkdir(parents=True, exist_ok=True)
     with _lock(work):
         tick = time.perf_counter()
-        log(f"[{settings.name}] grid: {len(METHODS)} methods × n {list(config.n_experts)} × seeds "
+        log(f"[{settings.name}] grid: {len(config.methods)} methods × n {list(config.n_experts)} × seeds "
             f"{list(config.seeds)}")
         grid_records, multitask = run_world_grid(world, config, work / "grid", pool, executor, address)
         results["grid"] += [{"size": size, "base_kind": kind, **r} for r in grid_records]
@@ -149,7 +151,7 @@ def results_of_world(config: ScaleConfig, size: str, kind: str, results: dict, p
 
 def _digest(config: ScaleConfig) -> str:
     """Names a world's grid and cocktail runs by what they depend on besides the world."""
-    payload = json.dumps({"methods": METHODS, "n": config.n_experts, "seeds": config.seeds,
+    payload = json.dumps({"methods": config.methods, "n": config.n_experts, "seeds": config.seeds,
                           "targets": config.cocktail_targets, "alphas": config.alphas, "shots": SHOTS})
     return hashlib.sha1(payload.encode()).hexdigest()[:8]
 
@@ -184,6 +186,7 @@ def run_world_grid(world, config: ScaleConfig, work: Path, pool, executor: str, 
     from mergelab.experiments.runner import read_results
 
     spec = demo_spec(world, n_experts=config.n_experts, seeds=config.seeds)
+    spec = spec.model_copy(update={"methods": [m for m in spec.methods if m.name in config.methods]})
     run_grid(spec, work, executor=executor, address=address, workers=pool, log=lambda *_: None)
     return per_seed_records(read_results(work / "results.csv"), spec.load_tasks())
 
@@ -291,8 +294,9 @@ def at_n(records, size, kind, method, n, split) -> list[float]:
 
 
 def _tally(parts: list[str]) -> str:
-    counts = {v: parts.count(v) for v in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
-    return (f"{counts[REPRODUCED]}/{len(parts)} parts reproduced, {counts[NOT_REPRODUCED]} reversed, "
+    counts = {v: parts.count(v) for v in (REPRODUCED, PARTLY, NOT_REPRODUCED, INCONCLUSIVE)}
+    partly = f"{counts[PARTLY]} partly, " if counts[PARTLY] else ""
+    return (f"{counts[REPRODUCED]}/{len(parts)} parts reproduced, {partly}{counts[NOT_REPRODUCED]} reversed, "
             f"{counts[INCONCLUSIVE]} inconclusive")
 
 
@@ -321,7 +325,8 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
     claims = []
 
     # 1. larger models merge better
-    parts, table = [], ["| base kind | method | split | " + " | ".join(sizes) + " | verdict |",
+    parts, table = [], ["Normalized score, mean over n per seed, per size:", "",
+                        "| base kind | method | split | " + " | ".join(sizes) + " | verdict |",
                         "|---|---|---|" + "---|" * (len(sizes) + 1)]
     for kind in kinds:
         for method in methods:
@@ -331,15 +336,18 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
                 parts.append(verdict)
                 table.append(f"| {kind} | {method} | {split} | " + " | ".join(
                     str(summarize(over_n(records, s, kind, method, split))) for s in sizes) + f" | {verdict} |")
-    numbers = "; ".join(f"{kind} {split.replace('_', '-')} {_mean([_mean(over_n(records, small, kind, m, split)) for m in methods]):.2f}"
-                        f"→{_mean([_mean(over_n(records, large, kind, m, split)) for m in methods]):.2f}"
-                        for kind in kinds for split in SPLITS)
+    def across_methods(size, kind, split):
+        return _mean([_mean(over_n(records, size, kind, m, split)) for m in methods])
+
+    numbers = "; ".join(f"{kind} {split.replace('_', '-')} {across_methods(small, kind, split):.2f}"
+                        f"→{across_methods(large, kind, split):.2f}" for kind in kinds for split in SPLITS)
     claims.append(_claim("Merging is better with larger models", parts if len(sizes) > 1 else [],
                          f"normalized, mean over methods and n, {small}→{large}: {numbers}", table,
                          "one model size"))
 
     # 2. instruction-tuned bases merge better
-    parts, table = [], ["| size | method | split | plain | instruction | verdict |", "|---|---|---|---|---|---|"]
+    parts, table = [], ["Normalized score, mean over n per seed:", "",
+                        "| size | method | split | plain | instruction | verdict |", "|---|---|---|---|---|---|"]
     if "plain" in kinds and "instruction" in kinds:
         for size in sizes:
             for method in methods:
@@ -349,17 +357,16 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
                     verdict = compare(it, plain)
                     parts.append(verdict)
                     table.append(f"| {size} | {method} | {split} | {summarize(plain)} | {summarize(it)} | {verdict} |")
-    numbers = "; ".join(f"{size} {split.replace('_', '-')} "
-                        f"{_mean([_mean(over_n(records, size, 'plain', m, split)) for m in methods]):.2f}"
-                        f"→{_mean([_mean(over_n(records, size, 'instruction', m, split)) for m in methods]):.2f}"
-                        for size in sizes for split in SPLITS)
+    numbers = "; ".join(f"{size} {split.replace('_', '-')} {across_methods(size, 'plain', split):.2f}"
+                        f"→{across_methods(size, 'instruction', split):.2f}" for size in sizes for split in SPLITS)
     claims.append(_claim("Merging is better with instruction-tuned bases", parts,
                          f"normalized, mean over methods and n, plain→instruction: {numbers}", table,
                          "needs the plain and instruction base kinds"))
 
     # 3. more experts help held-out, mostly at large scale
-    parts, table = [], [f"| base kind | method | held-out gain n={ns[0] if ns else '-'}→{ns[-1] if ns else '-'}: "
-                        + " | ".join(sizes) + " | verdict |", "|---|---|" + "---|" * (len(sizes) + 1)]
+    parts, table = [], [f"Held-out gain from n={ns[0] if ns else '-'} to n={ns[-1] if ns else '-'} experts, per size:",
+                        "", "| base kind | method | " + " | ".join(sizes) + " | verdict |",
+                        "|---|---|" + "---|" * (len(sizes) + 1)]
     gains: dict[tuple[str, str, str], list[float]] = {}
     if len(ns) > 1:
         for kind in kinds:
@@ -381,8 +388,9 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
                          f"methods: {numbers}", table, "needs two sizes and two numbers of experts"))
 
     # 4. methods become alike at scale
-    parts, table = [], [f"| base kind | split | spread between methods at n={ns[-1] if ns else '-'}: "
-                        + " | ".join(sizes) + " | verdict |", "|---|---|" + "---|" * (len(sizes) + 1)]
+    parts, table = [], [f"Spread between methods (max − min) at n={ns[-1] if ns else '-'} experts, per size:", "",
+                        "| base kind | split | " + " | ".join(sizes) + " | verdict |",
+                        "|---|---|" + "---|" * (len(sizes) + 1)]
     spreads: dict[tuple[str, str, str], list[float]] = {}
     for kind in kinds:
         for split in SPLITS:
@@ -400,8 +408,8 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
                          "needs two sizes and two methods"))
 
     # 5. large merged models beat multitask on held-out
-    parts, table = [], [f"| base kind | method | merged held-out at {large}, n={ns[-1] if ns else '-'} | multitask | "
-                        "verdict |", "|---|---|---|---|---|"]
+    parts, table = [], [f"Normalized held-out at {large} with n={ns[-1] if ns else '-'} experts:", "",
+                        "| base kind | method | merged | multitask | verdict |", "|---|---|---|---|---|"]
     reference = {(m["size"], m["base_kind"]): m["held_out"] for m in multitask}
     for kind in kinds:
         if (large, kind) not in reference:
@@ -411,8 +419,9 @@ def scale_claims(records: list[dict], multitask: list[dict], sizes: Sequence[str
             verdict = compare(merged, reference[large, kind])
             parts.append(verdict)
             table.append(f"| {kind} | {method} | {summarize(merged)} | {reference[large, kind]:.2f} | {verdict} |")
-    numbers = "; ".join(f"{kind} best {max(_mean(at_n(records, large, kind, m, ns[-1], 'held_out')) for m in methods):.2f}"
-                        f" vs {reference[large, kind]:.2f}" for kind in kinds if (large, kind) in reference)
+    best = {kind: max(_mean(at_n(records, large, kind, m, ns[-1], "held_out")) for m in methods) for kind in kinds
+            if (large, kind) in reference}
+    numbers = "; ".join(f"{kind} best {value:.2f} vs {reference[large, kind]:.2f}" for kind, value in best.items())
     claims.append(_claim("Large merged models beat multitask training on held-out tasks", parts,
                          f"normalized held-out at {large}, n={ns[-1] if ns else '-'}, merged vs multitask: {numbers}",
                          table, "no multitask model at the largest size"))
@@ -485,7 +494,9 @@ def write_outputs(results: dict, out: Path) -> None:
 
 def _world_title(results: dict, size: str, kind: str) -> str:
     world = next(w for w in results["worlds"] if w["size"] == size and w["base_kind"] == kind)
-    return f"{size} ({world['parameters'] / 1e6:.2f}M params), {kind} base"
+    count = world["parameters"]
+    amount = f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}k"
+    return f"{size} ({amount} params), {kind} base"
 
 
 def plot_scale(results: dict, out: Path) -> list[Path]:
@@ -504,8 +515,8 @@ def plot_scale(results: dict, out: Path) -> list[Path]:
         for row, kind in enumerate(kinds):
             for column, size in enumerate(sizes):
                 axis = axes[row][column]
-                for method in METHODS:
-                    ns = sorted({r["n_experts"] for r in results["grid"]})
+                ns = sorted({r["n_experts"] for r in results["grid"]})
+                for method in config["methods"]:
                     values = [summarize(v for r in results["grid"] if r["size"] == size and r["base_kind"] == kind
                                         and r["method"] == method and r["n_experts"] == n for v in [r[split]])
                               for n in ns]
@@ -520,6 +531,7 @@ def plot_scale(results: dict, out: Path) -> list[Path]:
                 axis.set_ylabel(f"normalized {split.replace('_', '-')}")
                 axis.grid(alpha=0.3)
                 integer_ticks(axis)
+                axis.set_xticks(ns)
         axes[0][-1].legend(fontsize=7)
         figure.suptitle(f"Normalized {split.replace('_', '-')} performance vs number of experts (mean ± spread over "
                         f"{len(config['seeds'])} seeds)")
@@ -557,8 +569,8 @@ def report_markdown(results: dict, figures: list[Path], sweep_figure: Path | Non
     config = results["config"]
     lines = ["# Scale and regime study", "",
              f"{'Quick smoke run: the numbers mean nothing. ' if config['quick'] else ''}Design: docs/scale-study.md. "
-             f"Methods {', '.join(METHODS)}; n_experts {config['n_experts']}; seeds {config['seeds']}; executor "
-             f"{results['executor']}, {results['workers']} workers; {results['seconds']:.0f} s in all.", "",
+             f"Methods {', '.join(config['methods'])}; n_experts {config['n_experts']}; seeds {config['seeds']}; "
+             f"executor {results['executor']}, {results['workers']} workers; {results['seconds']:.0f} s in all.", "",
              "## Verdicts", "", *[c["line"] for c in results["claims"]], "",
              *[c["line"] for c in results["cocktail_claims"]], "",
              "## Every world that was run", "",
