@@ -1,0 +1,154 @@
+"""The compiled loops of SCE (``mergelab.methods.sce``), imported only when SCE runs on a large
+float32 tensor, so that ``import mergelab`` never pays for numba. Module-level functions, so
+that numba's on-disk cache (``cache=True``) finds them again in the next process.
+
+Each loop does the torch kernel's float operations, entry by entry, in its order. Where torch
+computes ``a.add_(b, alpha=w)`` it rounds once (``a + w·b`` as one fused multiply-add, in its
+vector loop and in the scalar tail alike, on CPUs whose capability is AVX2 or AVX-512), so
+these loops call ``fma`` there and nowhere else; numba's default (no fast-math) neither fuses
+nor reorders anything else.
+"""
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
+
+BLOCK = 4096  # entries per block: each block's per-expert passes stay in the L1/L2 cache
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a·b + c rounded once (float32)."""
+    signature = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+
+    return signature, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def delta_variance(experts, base, share, variance):
+    """τ_i = θ_i − θ_b in place, and per entry the population variance of the τ_i into
+    ``variance``: mean = Σ_i fma(τ_i, 1/n, ·) from 0, then Σ_i fma((τ_i − mean)², 1/n, ·) from 0.
+    Returns the histogram of the variance's top 16 bits (its sign bit masked off) and how many
+    variances are non-zero."""
+    counts = np.zeros(1 << 15, dtype=np.int64)
+    mean = np.empty(BLOCK, dtype=np.float32)
+    bits = variance.view(np.uint32)
+    zero = np.float32(0.0)
+    nonzero = 0
+    for start in range(0, base.size, BLOCK):  # blocks as slices: indices from 0 let LLVM vectorize
+        width = min(BLOCK, base.size - start)
+        block_base, block_mean = base[start:start + width], mean[:width]
+        block_variance, block_bits = variance[start:start + width], bits[start:start + width]
+        for j in range(width):
+            block_mean[j] = zero
+            block_variance[j] = zero
+        for e in range(len(experts)):
+            expert = experts[e][start:start + width]
+            for j in range(width):
+                expert[j] = expert[j] - block_base[j]
+            for j in range(width):
+                block_mean[j] = fma(expert[j], share, block_mean[j])
+        for e in range(len(experts)):
+            expert = experts[e][start:start + width]
+            for j in range(width):
+                gap = expert[j] - block_mean[j]
+                block_variance[j] = fma(gap * gap, share, block_variance[j])
+        for j in range(width):
+            counts[(block_bits[j] >> 16) & 0x7FFF] += 1
+            nonzero += block_variance[j] != 0
+    return counts, nonzero
+
+
+@numba.njit(cache=True, nogil=True)
+def bucket_values(variance, bucket, count):
+    """The ``count`` variances whose top 16 bits are ``bucket``, and how many NaNs lie outside it."""
+    values = np.empty(count, dtype=np.float32)
+    bits = variance.view(np.uint32)
+    found = 0
+    nans = 0
+    for i in range(variance.size):
+        if ((bits[i] >> 16) & 0x7FFF) == bucket:
+            if found < count:  # (count is exact: never full early)
+                values[found] = variance[i]
+                found += 1
+        elif variance[i] != variance[i]:
+            nans += 1
+    return values, nans
+
+
+@numba.njit(cache=True, nogil=True)
+def select(deltas, variance, threshold, keep_ties, room):
+    """Zero every τ_i where the variance is not selected, in place (τ_i · 1.0 or τ_i · 0.0, as a
+    multiplication by a boolean mask): selected is variance >= threshold with ``keep_ties``,
+    else variance > threshold plus the first ``room`` entries equal to it in storage order."""
+    keep = np.empty(BLOCK, dtype=np.float32)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    tied = 0
+    for start in range(0, variance.size, BLOCK):
+        width = min(BLOCK, variance.size - start)
+        block_keep, block_variance = keep[:width], variance[start:start + width]
+        if keep_ties:
+            for j in range(width):
+                block_keep[j] = one if block_variance[j] >= threshold else zero
+        else:
+            for j in range(width):
+                value = block_variance[j]
+                if value > threshold:
+                    block_keep[j] = one
+                elif value == threshold and tied < room:
+                    block_keep[j] = one
+                    tied += 1
+                else:
+                    block_keep[j] = zero
+        for e in range(len(deltas)):
+            delta = deltas[e][start:start + width]
+            for j in range(width):
+                delta[j] = delta[j] * block_keep[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def erase(deltas, weights, floor, base, out):
+    """SCE's erase per entry: γ = + where Σ_i τ_i >= 0; τ_i agrees when it is non-zero and its
+    sign is γ's; θ = Σ_i η_i [agrees] τ_i / max(Σ_i η_i [agrees], floor) + θ_b, the sums in
+    expert order as the torch kernel (its first term τ_1·[agrees]·η_1, then fused
+    multiply-adds). ``out`` may be one of ``deltas`` (each block is read before it is written)."""
+    positive = np.empty(BLOCK, dtype=np.bool_)
+    elected = np.empty(BLOCK, dtype=np.float32)
+    merged = np.empty(BLOCK, dtype=np.float32)
+    agreeing = np.empty(BLOCK, dtype=np.float32)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for start in range(0, base.size, BLOCK):
+        width = min(BLOCK, base.size - start)
+        block_positive, block_elected = positive[:width], elected[:width]
+        block_merged, block_agreeing = merged[:width], agreeing[:width]
+        for j in range(width):
+            block_elected[j] = zero
+            block_agreeing[j] = zero
+        for e in range(len(deltas)):
+            delta = deltas[e][start:start + width]
+            for j in range(width):
+                block_elected[j] = block_elected[j] + delta[j]
+        for j in range(width):
+            block_positive[j] = block_elected[j] >= 0
+        for e in range(len(deltas)):
+            delta, weight = deltas[e][start:start + width], weights[e]
+            if e == 0:
+                for j in range(width):
+                    part = delta[j]
+                    agrees = one if ((part > 0) == block_positive[j] and part != 0) else zero
+                    block_merged[j] = part * agrees * weight
+                    block_agreeing[j] = fma(agrees, weight, block_agreeing[j])
+            else:
+                for j in range(width):
+                    part = delta[j]
+                    agrees = one if ((part > 0) == block_positive[j] and part != 0) else zero
+                    block_merged[j] = fma(part * agrees, weight, block_merged[j])
+                    block_agreeing[j] = fma(agrees, weight, block_agreeing[j])
+        block_out, block_base = out[start:start + width], base[start:start + width]
+        for j in range(width):
+            total = block_agreeing[j] if not block_agreeing[j] < floor else floor  # clamp(min=floor), NaN kept
+            block_out[j] = block_merged[j] / total + block_base[j]
