@@ -462,6 +462,34 @@ def study() -> None:
     """Studies that vary the demo world along the papers' axes and test each claim along them."""
 
 
+@study.command(name="scale")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the study.")
+@click.option("--quick", is_flag=True, help="Tiny worlds, two n values, two seeds (a smoke test, not a result).")
+@click.option("--seeds", default=None, help="Comma-separated seeds, two or more (default 0,1,2; --quick 0,1).")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where the grid cells run.")
+@click.option("--address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
+@click.option("--quiet", is_flag=True)
+@_workers_option
+def study_scale(out, quick, seeds, executor, address, force, quiet, workers) -> None:
+    """Merging at scale along model size and base kind (plain, instruction-tuned, pretrained):
+    sizes × base kinds × 4 methods × n_experts {2,4,6,8} × seeds, and LM-Cocktail on each world
+    (docs/scale-study.md); writes report.md, results.json, verdicts.json and figures."""
+    from mergelab.studies.scale import run_scale_study
+
+    if seeds is not None:
+        try:
+            seeds = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise MergelabError(f"--seeds must be comma-separated whole numbers like 0,1,2; got '{seeds}'") from None
+    results = run_scale_study(out, quick=quick, seeds=seeds, workers=workers, executor=executor, address=address,
+                              force=force, log=(lambda *_: None) if quiet else click.echo)
+    for claim in results["claims"] + results["cocktail_claims"]:
+        click.echo(claim["line"])
+    click.echo(f"report written to {Path(out) / 'report.md'}")
+
+
 # -- adapters (mergelab.adapters) ------------------------------------------------------------
 @main.group()
 def adapters() -> None:
