@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 import mergelab
 from mergelab.io import CheckpointReader
 from mergelab.methods import METHODS
-from mergelab.methods.subspace import common_split, isotropic, polar, top_singular
+from mergelab.methods import subspace
+from mergelab.methods.subspace import common_split, isotropic, polar, thin_svd, top_singular
 
 SUBSPACE = ("tsv", "iso_c", "iso_cts")
 
@@ -142,8 +143,20 @@ def test_the_base_is_never_touched_and_the_experts_are_released(method):
 
 
 # -- the fast routes against the exact one ------------------------------------------------------
+@pytest.fixture
+def gram_all_the_way(monkeypatch):
+    """The Gram route on blocks of any width (by default blocks of ≤ 64 columns go to
+    torch.linalg.svd, which would hide the route on these small matrices)."""
+    monkeypatch.setattr(subspace, "SMALL_BLOCK", 1)
+
+
+def exact_isotropic(matrix: torch.Tensor) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return s.mean() * u @ vh
+
+
 @pytest.mark.parametrize("how", ["lowrank", "gram"])
-def test_fast_top_singular_triplets_agree_with_the_exact_svd(how):
+def test_fast_top_singular_triplets_agree_with_the_exact_svd(how, gram_all_the_way):
     matrix = decaying(120, 90, seed=4)
     exact_u, exact_s, exact_vh = top_singular(matrix, 10, "svd")
     u, s, vh = top_singular(matrix, 10, how)
@@ -152,15 +165,53 @@ def test_fast_top_singular_triplets_agree_with_the_exact_svd(how):
     assert torch.allclose(u.T @ u, torch.eye(10), atol=1e-4)
 
 
-def test_the_gram_routes_agree_with_the_exact_svd():
+def test_the_gram_routes_agree_with_the_exact_svd(gram_all_the_way):
     matrix = decaying(50, 80, seed=6, rate=0.9)  # singular values 1 … 0.9**49 ≈ 0.006
     assert torch.allclose(isotropic(matrix, "gram"), isotropic(matrix, "svd"), atol=1e-4)
     assert torch.allclose(isotropic(matrix.T, "gram"), isotropic(matrix.T, "svd"), atol=1e-4)
     assert torch.allclose(polar(matrix.T, "gram"), polar(matrix.T, "svd"), atol=1e-4)
 
 
+def test_the_gram_route_keeps_a_spectrum_of_eight_decades_of_eigenvalues(gram_all_the_way, monkeypatch):
+    # Singular values 1 … 1e-4: Gram eigenvalues 1 … 1e-8, below float32's eps beside the largest.
+    # Each level trusts three decades of eigenvalues and recomputes the rest from its own block.
+    m, n = 160, 120
+    values = 10.0 ** torch.linspace(0, -4, n, dtype=torch.float64)
+    matrix = (orthonormal(m, 7)[:, :n] * values @ orthonormal(n, 8).T).float()
+    eigh_calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda gram: eigh_calls.append(gram.shape[0]) or eigh(gram))
+    u, s, vh = thin_svd(matrix, how="gram")
+    assert len(eigh_calls) >= 3 and eigh_calls == sorted(eigh_calls, reverse=True)  # 120 columns, then fewer
+    assert torch.allclose(s.double(), values, rtol=1e-3)  # the smallest, 1e-4, to 0.1%
+    assert torch.allclose(u.T @ u, torch.eye(n), atol=1e-4)
+    assert torch.allclose(vh @ vh.T, torch.eye(n), atol=1e-4)
+    iso = isotropic(matrix, "gram").double()
+    assert (iso - exact_isotropic(matrix)).norm() / iso.norm() < 1e-4
+    # a plain float32 eigh of the Gram matrix loses the bottom directions: what the levels are for
+    eigenvalues, eigenvectors = eigh(matrix.T @ matrix)
+    plain = matrix @ eigenvectors @ torch.diag(eigenvalues.clamp(min=1e-30) ** -0.5) @ eigenvectors.T * values.mean()
+    assert (plain.double() - exact_isotropic(matrix)).norm() / iso.norm() > 1e-2
+
+
+def test_randomized_top_triplets_of_low_rank_plus_noise_are_close_to_the_exact_ones():
+    # What task matrices look like: a few strong directions over small dense noise. The
+    # randomized SVD (auto-picked for k ≤ r/16 above EXACT_MAX_RANK) captures the top k.
+    generator = torch.Generator().manual_seed(3)
+    m, n, k = 700, 600, 12
+    strong = orthonormal(m, 11)[:, :k] * torch.linspace(10, 2, k, dtype=torch.float64) @ orthonormal(n, 12)[:, :k].T
+    matrix = (strong + 1e-3 * torch.randn(m, n, generator=generator, dtype=torch.float64)).float()
+    u, s, vh = top_singular(matrix, k, "lowrank")
+    exact_u, exact_s, exact_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    exact_part = (exact_u[:, :k] * exact_s[:k]) @ exact_vh[:k]
+    assert ((u * s) @ vh - exact_part).norm() / exact_part.norm() < 1e-4
+    assert torch.allclose(s.double(), exact_s[:k], rtol=1e-4)
+    big = torch.zeros(subspace.EXACT_MAX_RANK + 1, subspace.EXACT_MAX_RANK + 1)
+    assert top_singular(big, 1)[1].numel() == 0  # auto route at this size: lowrank, and zeros are dropped
+
+
 @pytest.mark.parametrize("how", ["svd", "gram"])
-def test_rank_deficient_matrices_do_not_blow_up(how):
+def test_rank_deficient_matrices_do_not_blow_up(how, gram_all_the_way):
     # A rank-1 sum: the null directions get no weight (no division by ~0 eigenvalues)
     u, v = torch.zeros(40), torch.zeros(30)
     u[3], v[7] = 1.0, 1.0
@@ -171,6 +222,15 @@ def test_rank_deficient_matrices_do_not_blow_up(how):
     expected_polar = torch.outer(u, torch.tensor([1.0, 1.0, 2.0]) / math.sqrt(6.0))
     assert torch.allclose(polar(torch.stack([u, u, 2 * u], dim=1), how), expected_polar, atol=1e-6)
     assert torch.isfinite(isotropic(torch.zeros(40, 30), how)).all()
+
+
+def test_a_full_rank_matrix_keeps_its_smallest_direction():
+    # s_min = 1e-4·s_max is below LAPACK's usual rank tolerance (size·eps ≈ 2.4e-4 at 2048) but a
+    # real direction: Iso-C gives it mean(S) like every other one
+    values = torch.tensor([1.0, 0.5, 0.25, 1e-4], dtype=torch.float64)
+    matrix = (orthonormal(6, 2)[:, :4] * values @ orthonormal(4, 3).T).float()
+    for how in ("svd", "gram"):
+        assert torch.allclose(torch.linalg.svdvals(isotropic(matrix, how)), values.mean().float().expand(4), rtol=1e-3)
 
 
 # -- end to end ---------------------------------------------------------------------------------

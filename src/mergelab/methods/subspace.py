@@ -21,27 +21,40 @@ Tensors that are not 2-D (norms, biases) get θ_b + alpha·mean(τ_i), as the re
 (FusionBench) does.
 
 Where this deliberately goes beyond the papers' code (which calls ``torch.linalg.svd`` on
-everything): singular triplets whose value is zero to working precision (s ≤ s_max·r·eps) are
-left out, because their vectors are an arbitrary basis of a null space that LAPACK picks;
+everything): singular triplets whose value is zero to working precision (s ≤ ``NULL_RTOL``·s_max)
+are left out, because their vectors are an arbitrary basis of a null space that LAPACK picks;
 keeping them would put ``mean(S)`` along arbitrary directions (Iso-C of a rank-deficient sum)
 or let them leak into the polar factor. The polar factor is therefore that of the range (a
 partial isometry). On full-rank task matrices (any real fine-tune) nothing changes. ``tsv``
 keeps at least one triplet per task (the reference's int(r/N) is 0 for r < N).
 
-Cost, for an m×n matrix with r = min(m, n) and N tasks (one thread):
+How the SVDs are computed (float32 throughout; l = max(m, n), r = min(m, n), N tasks):
 
-- exact SVD (``torch.linalg.svd``): O(m·n·r), used at or below ``EXACT_MAX_RANK``;
-- top-k triplets above it (``tsv``, the task-specific parts of ``iso_cts``): a randomized SVD
-  (``torch.svd_lowrank``, k + ``OVERSAMPLE`` columns, ``POWER_ITERATIONS`` power iterations),
-  O(m·n·k), when k ≤ r/16; otherwise an eigendecomposition of the Gram matrix of the smaller
-  side, O(m·n·r) for the product plus O(r³) for ``eigh``, in float64 (more accurate than a
-  float32 SVD: 2e-9 against 2e-7 from a float64 SVD on a 768² Gaussian matrix);
-- full spectrum above it (``iso_c``, the common subspace of ``iso_cts``): the same Gram route;
-- the polar factor of a concatenation (p×q): ``eigh`` of its q×q Gram matrix, O(p·q² + q³).
+- r ≤ ``EXACT_MAX_RANK``: ``torch.linalg.svd``.
+- above it, "gram" (exact to float32 accuracy): ``eigh`` of the r×r Gram matrix of the smaller
+  side, in levels (``_gram_svd``): a level trusts the eigenvalues within three decades of its
+  largest and recomputes the rest from the block they span, so that directions with
+  s < 3e-4·s_max keep their accuracy (a single float32 ``eigh`` of the Gram matrix loses them:
+  2% off on the benchmark's Iso-C; these levels: 1.3e-5 against a float64 SVD, where the output
+  cast to bfloat16 moves it by 1e-2). Flops: Gram 2·l·r², ``eigh`` about 9·r³ (partly bound by
+  memory: 1.9 s at r = 2048 on one core here, as much as six 2048³ products), left vectors
+  2·l·r·k; on a flat spectrum one level, on a decaying one a few, each on fewer columns. About
+  4× cheaper than ``torch.linalg.svd`` in float32, and 4× cheaper than the same route in float64.
+- top k with k ≤ ``LOWRANK_MAX_SHARE``·r: "lowrank", a randomized SVD (``torch.svd_lowrank``,
+  k + ``OVERSAMPLE`` columns, ``POWER_ITERATIONS`` power iterations; (4 + 4·POWER_ITERATIONS)·
+  m·n·(k + OVERSAMPLE) flops). This one is approximate: within 1e-4 of the exact top-k part on
+  low-rank-plus-noise matrices (the shape of fine-tuning task matrices), but not on a flat
+  spectrum (pure noise), where the top k directions are ill-defined anyway. Only the
+  task-specific parts of ``iso_cts`` (k = 102 of 2048 by default) take it;
+  ``top_singular(..., how="gram")`` forces the exact route.
 
-So ``iso_c`` costs about one SVD per matrix, ``tsv`` N truncated SVDs plus two q×q ``eigh``
-(q ≈ r), and ``iso_cts`` one SVD, N small truncated ones and two polar factors. Measured
-seconds per matrix are in benchmarks/README.md (``benchmarks/bench_subspace.py``).
+Per m×n matrix that makes ``iso_c`` one Gram-route SVD plus U·Vᵀ: 6·l·r² + eigh(r) flops;
+``tsv`` N top-k SVDs (N·(2·l·r² + eigh(r) + 2·l·r·k)) and two polar factors of the (m, N·k)
+and (n, N·k) concatenations (each 6·p·q² + eigh(q), q = N·k ≤ r), plus 2·m·n·q to rebuild;
+``iso_cts`` the common part of Σ τ_i (2·l·r² + eigh(r)), N projections (4·m·n·k_common) and
+randomized top-k's, and two polar factors with q = r. ``eigh`` dominates: ``iso_c`` costs about
+one, ``iso_cts`` three, ``tsv`` N + 2 of them per matrix. Measured seconds per matrix are in
+benchmarks/README.md (``benchmarks/bench_subspace.py``).
 
 Example:
     >>> import torch
@@ -56,6 +69,11 @@ from __future__ import annotations
 import torch
 
 EXACT_MAX_RANK = 512  # min(m, n) at or below this: torch.linalg.svd (exact, and fast enough)
+GRAM_FLOOR = 1e-3  # Gram eigenvalues below this share of the largest are recomputed from their own block
+SMALL_BLOCK = 64  # the Gram route's blocks of at most this many columns go to torch.linalg.svd
+NULL_RTOL = 1e-5  # singular values ≤ this share of the largest are zero: float32 SVDs of rank-deficient
+#                   matrices put their null values at ≤ 8·eps·s_max (eps = 1.2e-7); LAPACK's usual size·eps
+#                   (2.4e-4 at 2048) would drop real directions (the benchmark's Σ τ_i has s_min = 1.9e-4·s_max)
 OVERSAMPLE = 16  # extra random columns of the randomized SVD
 POWER_ITERATIONS = 4  # subspace iterations of the randomized SVD: 96% of the optimal energy at k = r/16 even
 #                      on a flat (Gaussian) spectrum, where 2 iterations catch 90%
@@ -170,16 +188,80 @@ def subspace_notes(params: dict, numel: int) -> list[str]:
 
 
 # -- linear algebra -----------------------------------------------------------------------------
-def _tolerance(values: torch.Tensor, size: int, gram: bool = False) -> float:
-    """Singular values at or below this are zero to working precision: LAPACK's rank tolerance
-    s_max·size·eps(float32) for a float32 SVD; for the float64 Gram route, where an exact null
-    direction comes out near s_max·sqrt(size·eps(float64)), twice that (about 1e-6·s_max at
-    size 2048, so that only exact null directions of a real task matrix fall below it)."""
+def _tolerance(values: torch.Tensor) -> float:
+    """Singular values at or below this (NULL_RTOL·s_max) are zero to working precision."""
     if values.numel() == 0:
         return 0.0
-    if gram:
-        return float(values.max()) * 2.0 * (size * torch.finfo(torch.float64).eps) ** 0.5
-    return float(values.max()) * size * torch.finfo(torch.float32).eps
+    return float(values.max()) * NULL_RTOL
+
+
+def thin_svd(matrix: torch.Tensor, k: int | None = None, how: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top k (default: all r = min(m, n)) singular triplets U (m, k), S (k,), Vᵀ (k, n) of a
+    float32 matrix, values in descending order, zero ones included.
+
+    ``how``: "svd" (``torch.linalg.svd``) or "gram" (``eigh`` of the smaller side's Gram matrix,
+    with the directions whose Gram eigenvalue is below ``GRAM_FLOOR``·max recomputed from their
+    own block, see ``_gram_svd``); None picks "svd" at r ≤ ``EXACT_MAX_RANK``.
+    """
+    rank = min(matrix.shape)
+    k = rank if k is None else min(k, rank)
+    if how is None:
+        how = "svd" if rank <= EXACT_MAX_RANK else "gram"
+    if how == "svd":
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k]
+    if how != "gram":
+        raise ValueError(f"unknown SVD route {how!r}")
+    tall = matrix.shape[0] >= matrix.shape[1]
+    left, values, right = _gram_svd(matrix if tall else matrix.T, k)
+    return (left, values, right.T) if tall else (right, values, left.T)
+
+
+def _gram_svd(side: torch.Tensor, k: int, zero: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k thin SVD (left (l, k), values (k,), right (r, k)) of a tall (l, r) float32 matrix.
+
+    ``eigh`` of the (r, r) Gram matrix in float32 gives the right singular vectors; a Gram
+    eigenvalue λ carries an absolute error of about eps·λ_max, so the directions with
+    λ ≥ GRAM_FLOOR·λ_max are accurate to eps/GRAM_FLOOR and become left = side·v/‖side·v‖.
+    The others span the bottom block side·V_b (l, b), whose own Gram matrix is formed from it
+    (its values are b-sized, not λ_max-sized): the same step recurses on it, down to
+    ``SMALL_BLOCK`` columns, where ``torch.linalg.svd`` finishes. Every level covers three
+    decades of λ, so a matrix needs one level (a flat spectrum) to a few (a decaying one).
+    ``zero``: the singular value under which everything is zero (set at the top level).
+    """
+    rows, cols = side.shape
+    if cols <= SMALL_BLOCK:
+        u, s, vh = torch.linalg.svd(side, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k].T
+    eigenvalues, eigenvectors = torch.linalg.eigh(side.T @ side)  # ascending, (r,), (r, r)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    largest = float(eigenvalues[0].clamp(min=0))
+    if zero is None:
+        zero = largest ** 0.5 * NULL_RTOL
+    if largest <= zero ** 2:  # the whole block is zero to working precision
+        return side.new_zeros(rows, k), side.new_zeros(k), eigenvectors[:, :k]
+    accurate = int((eigenvalues >= GRAM_FLOOR * largest).sum())  # ≥ 1: the largest itself
+    head = min(k, accurate)
+    right = eigenvectors[:, :head]  # (r, head)
+    left = side @ right  # (l, head)
+    values = torch.linalg.vector_norm(left, dim=0)  # more accurate than sqrt(λ)
+    left /= values
+    if k > head:  # the rest from the bottom block, with its own (smaller) scale
+        bottom = eigenvectors[:, accurate:]  # (r, b)
+        block = side @ bottom  # (l, b)
+        # V_b leans on the top right vectors by about eps·λ_max/λ_t, which side·V_b turns into
+        # eps·λ_max/σ_t along u_t: large beside the small σ_b. The top left vectors are
+        # accurate, so project them out (twice: one pass leaves eps of a large component).
+        for _ in range(2):
+            block -= left @ (left.T @ block)
+        bottom_left, bottom_values, bottom_right = _gram_svd(block, k - head, zero)
+        left = torch.cat([left, bottom_left], dim=1)
+        values = torch.cat([values, bottom_values])
+        right = torch.cat([right, bottom @ bottom_right], dim=1)
+    order = values.argsort(descending=True, stable=True)
+    return left[:, order], values[order], right[:, order]
 
 
 def top_singular(matrix: torch.Tensor, k: int, how: str | None = None
@@ -187,42 +269,21 @@ def top_singular(matrix: torch.Tensor, k: int, how: str | None = None
     """The top-k singular triplets (U (m, k'), S (k',), Vᵀ (k', n)) of ``matrix``, without those
     that are zero to working precision (so k' ≤ k).
 
-    ``how``: "svd" (``torch.linalg.svd``), "lowrank" (randomized) or "gram" (``eigh`` of the
-    smaller side's Gram matrix); None picks by size (see the module docstring).
+    ``how``: "svd" (``torch.linalg.svd``), "lowrank" (randomized, approximate) or "gram" (see
+    ``thin_svd``); None picks by size: "svd" at r ≤ ``EXACT_MAX_RANK``, "lowrank" for
+    k ≤ ``LOWRANK_MAX_SHARE``·r, else "gram".
     """
     rank = min(matrix.shape)
     k = min(k, rank)
     if how is None:
         how = "svd" if rank <= EXACT_MAX_RANK else "lowrank" if k <= rank * LOWRANK_MAX_SHARE else "gram"
-    if how == "svd":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    elif how == "lowrank":
+    if how == "lowrank":
         u, s, v = torch.svd_lowrank(matrix, q=min(rank, k + OVERSAMPLE), niter=POWER_ITERATIONS)
-        vh = v.T
-    elif how == "gram":
-        u, s, vh = _gram_svd(matrix)
+        u, s, vh = u[:, :k], s[:k], v[:, :k].T
     else:
-        raise ValueError(f"unknown SVD route {how!r}")
-    tol = _tolerance(s, max(matrix.shape), gram=how == "gram")
-    kept = int((s[:k] > tol).sum())
+        u, s, vh = thin_svd(matrix, k, how)
+    kept = int((s > _tolerance(s)).sum())
     return u[:, :kept], s[:kept], vh[:kept]
-
-
-def _gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD through ``eigh`` of the Gram matrix of the smaller side (float64), singular
-    values in descending order. Directions whose value is zero to working precision get zero
-    vectors on the recovered side instead of a division by ~0."""
-    wide = matrix.shape[0] <= matrix.shape[1]
-    side = matrix if wide else matrix.T  # (r, l), r ≤ l
-    precise = side.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(precise @ precise.T)  # ascending, (r,), (r, r)
-    values = eigenvalues.clamp_(min=0).sqrt_().flip(0)
-    left = eigenvectors.flip(1)  # (r, r)
-    tol = _tolerance(values, max(matrix.shape), gram=True)
-    inverse = torch.where(values > tol, 1.0 / values.clamp(min=tol if tol > 0 else 1.0), torch.zeros_like(values))
-    right = (left.T @ precise) * inverse[:, None]  # (r, l): rows are the other side's singular vectors
-    left, values, right = left.to(matrix.dtype), values.to(matrix.dtype), right.to(matrix.dtype)
-    return (left, values, right) if wide else (right.T, values, left.T)
 
 
 def polar(matrix: torch.Tensor, how: str | None = None) -> torch.Tensor:
@@ -230,46 +291,22 @@ def polar(matrix: torch.Tensor, how: str | None = None) -> torch.Tensor:
     directions with a zero singular value (to working precision) are left out, so a matrix with
     dependent columns gives a partial isometry instead of an arbitrary completion.
 
-    ``how``: "svd" or "gram" (``eigh`` of the q×q Gram matrix, float64); None picks by size.
+    ``how``: "svd" or "gram" (see ``thin_svd``); None picks by size.
     """
-    if how is None:
-        how = "svd" if min(matrix.shape) <= EXACT_MAX_RANK else "gram"
-    if how == "svd":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        kept = s > _tolerance(s, max(matrix.shape))
-        return u[:, kept] @ vh[kept]
-    precise = matrix.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(precise.T @ precise)  # (q,), (q, q)
-    values = eigenvalues.clamp_(min=0).sqrt_()
-    tol = _tolerance(values, max(matrix.shape), gram=True)
-    inverse = torch.where(values > tol, 1.0 / values.clamp(min=tol if tol > 0 else 1.0), torch.zeros_like(values))
-    root = (eigenvectors * inverse) @ eigenvectors.T  # (MᵀM)^(-1/2) over the range, (q, q)
-    return (precise @ root).to(matrix.dtype)
+    u, s, vh = thin_svd(matrix, how=how)
+    kept = s > _tolerance(s)
+    return u[:, kept] @ vh[kept]
 
 
 def isotropic(matrix: torch.Tensor, how: str | None = None) -> torch.Tensor:
     """mean(S)·U Vᵀ for ``matrix`` = U S Vᵀ: its singular vectors with a flat spectrum (the mean
     is over all min(m, n) values; directions with value zero are left out, see ``polar``).
 
-    ``how``: "svd" or "gram" (``eigh`` of the smaller side's Gram matrix, float64); None picks
-    by size. Overwrites nothing; returns a new tensor.
+    ``how``: "svd" or "gram" (see ``thin_svd``); None picks by size. Overwrites nothing.
     """
-    rank = min(matrix.shape)
-    if how is None:
-        how = "svd" if rank <= EXACT_MAX_RANK else "gram"
-    if how == "svd":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        kept = s > _tolerance(s, max(matrix.shape))
-        return (u[:, kept] @ vh[kept]).mul_(s.mean())
-    wide = matrix.shape[0] <= matrix.shape[1]
-    side = (matrix if wide else matrix.T).double()  # (r, l)
-    eigenvalues, eigenvectors = torch.linalg.eigh(side @ side.T)  # (r,), (r, r)
-    values = eigenvalues.clamp_(min=0).sqrt_()
-    tol = _tolerance(values, max(matrix.shape), gram=True)
-    inverse = torch.where(values > tol, 1.0 / values.clamp(min=tol if tol > 0 else 1.0), torch.zeros_like(values))
-    root = (eigenvectors * (inverse * values.mean())) @ eigenvectors.T  # mean(S)·(A Aᵀ)^(-1/2), (r, r)
-    result = (root @ side).to(matrix.dtype)  # mean(S)·U Vᵀ on the smaller side's orientation
-    return result if wide else result.T.contiguous()
+    u, s, vh = thin_svd(matrix, how=how)
+    kept = s > _tolerance(s)
+    return (u[:, kept] * s.mean()) @ vh[kept]
 
 
 # -- helpers ------------------------------------------------------------------------------------
