@@ -76,6 +76,20 @@ def test_instruction_tasks_are_new_skills_over_the_same_vocabulary():
             assert set(example["input"].split()) | {w for a in answers for w in a.split()} <= set(VOCABULARY)
 
 
+def test_an_instruction_world_writes_its_instruction_data_and_pretraining_takes_a_share(tmp_path):
+    from mergelab.demo.world import World, _write_tasks, training_pairs
+
+    settings = WorldSettings(base_kind="instruction", train_examples=50, validation_examples=5, test_examples=5)
+    world = World(tmp_path, settings)
+    _write_tasks(world)
+    assert all(len(world.pairs(t.name, "train")) == 50 for t in INSTRUCTION_TASKS)
+    listed = (tmp_path / "tasks-test.yml").read_text()
+    assert not any(f"name: {t.name}\n" in listed for t in INSTRUCTION_TASKS)  # never scored as held-in/out
+    pairs = training_pairs(world, ["sort", "max"], {"copy": 5, "add": 5})
+    assert len(pairs) == 2 * 50 + 2 * 5
+    assert pairs[-5:] == world.pairs("add", "train")[:5]
+
+
 # -- verdicts from a hand-made table ---------------------------------------------------------------
 
 NOISE = {0: -0.01, 1: 0.0, 2: 0.01}  # the same per-seed offset everywhere: spread 0.01 within a cell
