@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from mergelab.continual.report import plane_panels, save_plane_figure, stream_table, write_json, write_outputs
+from mergelab.continual.report import (model_title, plane_panels, save_plane_figure, stream_table, write_json,
+                                       write_outputs)
 from mergelab.continual.spec import StreamSpec, TaskSpec, load_stream_spec
 from mergelab.continual.stream import Harness, StreamTask, run_stream
 from mergelab.devices import check_device
@@ -161,7 +162,8 @@ def run_spec(spec_source: str | Path | dict, out_dir: str | Path, force: bool = 
         "results.json": write_json(result),
         "results.md": lambda path: path.write_text(f"# Task stream: {' → '.join(result['tasks'])}\n\n"
                                                    + stream_table(result)),
-        "task_plane.png": lambda path: save_plane_figure(path, result, panels, f"{spec.model}: task plane"),
+        "task_plane.png": lambda path: save_plane_figure(path, result, panels,
+                                                         f"{model_title(spec.model)}: task plane"),
     }, force)
     log(stream_table(result))
     log(f"done in {result['seconds']:.0f} s; results in {out_dir}")

@@ -156,8 +156,16 @@ def _rehearsal(stage: Stage) -> Training:
 
 def _multitask(stage: Stage) -> Training:
     runner, seen = stage.runner, range(stage.index + 1)
-    return Training(union(runner.tasks[i].train for i in seen), sum(runner.settings.steps_for(i) for i in seen),
-                    f"multitask{stage.index}", start_from=runner.base)
+    steps = round(stage.method.scale * sum(runner.settings.steps_for(i) for i in seen))
+    return Training(union(runner.tasks[i].train for i in seen), max(1, steps), f"multitask{stage.index}",
+                    start_from=runner.base)
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise MergelabError(f"multitask scale must be a finite number > 0 (its steps = scale × the tasks' steps), "
+                            f"got {scale!r}")
+    return float(scale)
 
 
 def _no_training(stage: Stage) -> None:
@@ -187,8 +195,9 @@ class ContinualMethod:
 
     ``start(stage)`` runs at the start of every task after the first and returns how that
     stage trains (``Training``), or None for no training; ``end(stage)``, when given, runs after
-    it. Plot style: ``marker``/``color`` for a single point; methods with sweep parameters are
-    drawn as curves (``line``; ``color`` None takes one colour per curve).
+    it. Plot style: ``marker`` for a single point; methods with sweep parameters are drawn as
+    curves (``line``, then other line styles for a family's further curves). ``color`` None (the
+    default) takes the method's colour in every mergelab figure (``mergelab.plots.method_color``).
     """
 
     name: str
@@ -214,34 +223,36 @@ class ContinualMethod:
 
 CONTINUAL_METHODS: dict[str, ContinualMethod] = {method.name: method for method in (
     ContinualMethod("sequential", "plain fine-tuning on each new task", "the lower baseline",
-                    title=lambda v: "sequential", marker="o", color="red"),
+                    title=lambda v: "sequential", marker="o"),
     ContinualMethod("sfa", "fine-tuning, pulled toward the previous task's weights every ⌈p·T⌉ steps",
                     "Soup to go (Algorithm 1)", start=_sfa, params=(P, BETA), short="SFA",
                     title=lambda v: f"SFA p={v['p']:g} β={v['beta']:g}"),
     ContinualMethod("l2", "fine-tuning plus λ/2·‖θ − θ_o‖²", "Soup to go §4 (L2 regularisation)", start=_l2,
                     params=(_strength("L2 penalty"),), short="L2", title=lambda v: f"L2 λ={v['lam']:g}",
-                    line="--", color="tab:green"),
+                    line="--"),
     ContinualMethod("ewc", "fine-tuning plus λ/2·Σ F·(θ − θ_o)², F the summed Fisher of the finished tasks",
                     "Kirkpatrick et al. 2017 (EWC)", start=_ewc,
                     params=(_strength("EWC"), HyperParam("fisher_samples", 200, _optional_count("fisher_samples"),
                                                          "examples of the old task the Fisher is estimated on")),
-                    short="EWC", title=lambda v: f"EWC λ={v['lam']:g}", line=":", color="tab:red"),
+                    short="EWC", title=lambda v: f"EWC λ={v['lam']:g}", line=":"),
     ContinualMethod("rehearsal", "fine-tuning on batches that mix in a fraction of the earlier tasks' data",
                     "experience replay", start=_rehearsal,
                     params=(HyperParam("fraction", 0.1, check_fraction, "share of each batch from old tasks, in "
                                        "(0, 1)"),
                             HyperParam("buffer_size", None, _optional_count("rehearsal buffer_size"),
                                        "keep only this many old examples (default all)")),
-                    title=lambda v: f"rehearsal {v['fraction']:.0%}", marker="D", color="hotpink"),
+                    title=lambda v: f"rehearsal {v['fraction']:.0%}", marker="D"),
     ContinualMethod("multitask", "retrain from the initial model on every task so far (not continual)",
-                    "the upper baseline", start=_multitask, title=lambda v: "multitask", marker="*",
-                    color="black"),
+                    "the upper baseline", start=_multitask,
+                    params=(HyperParam("scale", 1.0, _check_scale, "its steps are scale × the sum of the tasks' steps "
+                                       "so far; raise it until the baseline converges (joint training of interfering "
+                                       "tasks needs more steps than each task alone)"),),
+                    title=lambda v: "multitask" if v["scale"] == 1 else f"multitask ×{v['scale']:g}", marker="*"),
     ContinualMethod("task_arithmetic", "merge per-task models: θ_b + λ·Σ τ_i (λ = 1/N by default)",
                     "Ilharco et al. 2023", start=_no_training, end=_merge_task_models, params=(MERGE_PARAMETERS,),
-                    title=lambda v: "task arithmetic", marker="s", color="tab:blue"),
+                    title=lambda v: "task arithmetic", marker="s"),
     ContinualMethod("ties", "merge per-task models with TIES", "Yadav et al. 2023", start=_no_training,
-                    end=_merge_task_models, params=(MERGE_PARAMETERS,), title=lambda v: "TIES", marker="^",
-                    color="tab:green"),
+                    end=_merge_task_models, params=(MERGE_PARAMETERS,), title=lambda v: "TIES", marker="^"),
 )}
 
 

@@ -13,8 +13,22 @@ from typing import Any, Callable
 from mergelab.continual.methods import CONTINUAL_METHODS, ContinualMethod
 from mergelab.io import atomic_directory
 
-# Colours of the curves of a method whose registry entry gives none (one per curve).
-CURVE_COLORS = ["tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:gray", "tab:pink"]
+# A family's curves share its colour (mergelab.plots.method_color); its second, third... curve
+# takes the next of these line styles.
+LINE_STYLES = ["-", "--", ":", "-."]
+
+
+def method_colour(entry: ContinualMethod) -> str:
+    """The registry's colour when it sets one, else the method's colour in every mergelab figure."""
+    from mergelab.plots import method_color
+
+    return entry.color or method_color(entry.name)
+
+
+def model_title(model: str | Path) -> str:
+    """A model's name for titles: the directory's name, never the path to it (a local cache)."""
+    text = str(model).rstrip("/")
+    return Path(text).name if "/" in text or Path(text).is_dir() else text
 
 
 def write_outputs(out_dir: str | Path, writers: dict[str, Callable[[Path], None]], force: bool = False) -> Path:
@@ -121,29 +135,29 @@ def plot_task_plane(ax, result: dict[str, Any], vary: str = "p", title: str | No
     for entry, members in curves.values():
         if len(entry.sweeps) > 1:
             longest[entry.name] = max(longest.get(entry.name, 0), len(members))
-    palette = 0
+    drawn: dict[str, int] = defaultdict(int)  # curves drawn per family
     for key, (entry, members) in curves.items():
         if entry.name in longest:
             if len(members) < max(2, longest[entry.name]):  # only the sweeps this panel is about
                 continue
-        color = entry.color
-        if color is None:
-            color = CURVE_COLORS[palette % len(CURVE_COLORS)]
-            palette += 1
+        color = method_colour(entry)
+        line = entry.line if drawn[entry.name] == 0 else LINE_STYLES[drawn[entry.name] % len(LINE_STYLES)]
+        drawn[entry.name] += 1
         members.sort(key=lambda member: member[0])
         points = [plane_point(result, run["accuracy_matrix"][-1]) for _, _, run in members]
-        ax.plot([p[0] for p in points], [p[1] for p in points], entry.line, marker=".", color=color, label=key)
+        ax.plot([p[0] for p in points], [p[1] for p in points], line, marker=".", color=color, label=key)
         for (px, py), (_, note, _) in zip(points, members):
             ax.annotate(note, (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
     for run in result["runs"]:
         entry = _entry(run)
         px, py = plane_point(result, run["accuracy_matrix"][-1])
         if len(entry.sweeps) > 1 and longest.get(entry.name, 0) < 2:  # no sweep at all: single points
-            ax.scatter([px], [py], marker="o", s=25, facecolors="none", edgecolors=CURVE_COLORS[0], zorder=3)
+            ax.scatter([px], [py], marker="o", s=25, facecolors="none", edgecolors=method_colour(entry), zorder=3)
             ax.annotate(run["label"], (px, py), fontsize=6, xytext=(3, -8), textcoords="offset points",
-                        color=CURVE_COLORS[0])
+                        color=method_colour(entry))
         elif not entry.sweeps:
-            ax.scatter([px], [py], marker=entry.marker, color=entry.color, s=70, zorder=3, label=run["label"])
+            ax.scatter([px], [py], marker=entry.marker, color=method_colour(entry), s=70, zorder=3,
+                       label=run["label"])
     earlier = tasks[0] if len(tasks) == 2 else f"mean of {', '.join(tasks[:-1])}"
     ax.set_xlabel(f"{tasks[-1]} score (last task)")
     ax.set_ylabel(f"{earlier} score")

@@ -60,7 +60,7 @@ def markdown_table(summary: dict) -> str:
 
 def plot_grid(summary: dict, path: Path) -> Path:
     """Normalized held-in and held-out vs number of experts, one line per method."""
-    from mergelab.plots import new_figure, save_figure
+    from mergelab.plots import integer_ticks, method_color, new_figure, save_figure
 
     figure, axes = new_figure(2, (9, 3.6))
     for axis, split, title in ((axes[0], "held_in", "held-in tasks"), (axes[1], "held_out", "held-out tasks")):
@@ -68,12 +68,14 @@ def plot_grid(summary: dict, path: Path) -> Path:
             ns = sorted(n for n in by_n if split in by_n[n])
             means = [by_n[n][split]["mean"] for n in ns]
             stds = [by_n[n][split]["std"] for n in ns]
-            axis.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method)
+            axis.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method, color=method_color(method))
         if summary["multitask"] and split in summary["multitask"]:
-            axis.axhline(summary["multitask"][split], color="black", linestyle="--", label="multitask")
+            axis.axhline(summary["multitask"][split], color=method_color("multitask"), linestyle="--",
+                         label="multitask")
         axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         axis.set_title(title)
         axis.set_xlabel("number of experts merged")
+        integer_ticks(axis)
         axis.set_ylabel("normalized performance")
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
