@@ -364,20 +364,30 @@ _workers_option = click.option(
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]))
 @click.option("--address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--keep-models", is_flag=True, help="Keep each merged model under OUT/models.")
+@click.option("--methods", default=None, metavar="A,B,...",
+              help="With --demo: the methods to run (registry methods, presets, averaging), with the demo's "
+                   "parameters.  [default: averaging,task_arithmetic,ties,dare_ties]")
+@click.option("--n-experts", default=None, metavar="N,N,...", help="With --demo: numbers of experts.  [default: 2,4]")
+@click.option("--seeds", default=None, metavar="S,S,...",
+              help="With --demo: seeds of the expert picks.  [default: 0,1]")
 @_workers_option
-def grid(spec, demo, out, executor, address, keep_models, workers) -> None:
+def grid(spec, demo, out, executor, address, keep_models, methods, n_experts, seeds, workers) -> None:
     """Run a merging grid (method × n_experts × seed) from SPEC.yml, or --demo."""
     from mergelab.experiments import run_grid
     from mergelab.parallel import check_workers
 
     if demo == (spec is not None):
         raise MergelabError("give either a SPEC file or --demo (not both)")
+    if spec is not None and (methods, n_experts, seeds) != (None, None, None):
+        raise MergelabError("--methods, --n-experts and --seeds choose the --demo grid; a SPEC file states its own")
     workers = check_workers(workers, "--workers")
     if demo:
         from mergelab.demo import demo_spec
+        from mergelab.demo.modern import demo_grid_settings
         from mergelab.demo.world import build_world
 
-        spec = demo_spec(build_world(workers=workers))
+        settings = demo_grid_settings(methods, n_experts, seeds)  # checked before the world is built
+        spec = demo_spec(build_world(workers=workers), **settings)
     results = run_grid(spec, out, executor=executor, address=address, keep_models=keep_models,
                        threads=1 if demo else None, workers=workers)
     click.echo((Path(out) / "table.md").read_text())
@@ -419,13 +429,20 @@ def _describe_models(method) -> str:
 @click.option("--out", "out", default="mergelab-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="A much smaller world and shorter runs (a smoke test, not a result).")
 @click.option("--quiet", is_flag=True)
+@click.option("--study", "studies", multiple=True, type=click.Path(path_type=Path),
+              help="An output directory of 'mergelab study scale' or 'study sfa' (repeatable): its verdicts go into "
+                   "the report's 'scale and regime' section.")
+@click.option("--full", is_flag=True, help="Also run the modern methods (tsv, iso_c, iso_cts, regmean, adamerging) "
+                                           "beside the seed paper's four at 2, 4, 8 experts (beyond the 10-minute "
+                                           "budget).")
 @_workers_option
-def demo(out: Path, quick: bool, quiet: bool, workers: int | None) -> None:
+def demo(out: Path, quick: bool, quiet: bool, studies: tuple[Path, ...], full: bool, workers: int | None) -> None:
     """Re-run the three papers' central experiments on the built-in demo world; write a report."""
     from mergelab.demo import run_demo
     from mergelab.parallel import check_workers
 
-    run_demo(out, quiet=quiet, quick=quick, workers=check_workers(workers, "--workers"))
+    run_demo(out, quiet=quiet, quick=quick, workers=check_workers(workers, "--workers"), study=list(studies) or None,
+             full=full)
     click.echo(f"report written to {Path(out) / 'report.md'}")
 
 
@@ -460,6 +477,22 @@ def sfa(spec, digits, out, force, quiet, workers, threads) -> None:
 @main.group()
 def study() -> None:
     """Studies that vary the demo world along the papers' axes and test each claim along them."""
+
+
+@study.command(name="sfa")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the results.")
+@click.option("--quick", is_flag=True, help="The quick world, short streams, few conditions (a smoke test).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
+@click.option("--quiet", is_flag=True)
+@_workers_option
+def study_sfa(out: Path, quick: bool, force: bool, quiet: bool, workers: int | None) -> None:
+    """SFA on the demo LM stream (add, then sub): which training length, β, p, learning rate and
+    regime give the paper's behaviour (forgets less, learns the new task about as well)."""
+    from mergelab.parallel import check_workers
+    from mergelab.studies.sfa_lm import run_sfa_study
+
+    run_sfa_study(out, quick=quick, workers=check_workers(workers, "--workers"), force=force, quiet=quiet)
+    click.echo(f"report written to {Path(out) / 'report.md'}")
 
 
 @study.command(name="scale")

@@ -7,8 +7,10 @@ nothing here is hard-coded: every number comes from a merge and an evaluation ru
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
+from statistics import mean
 from typing import Callable
 
 from mergelab.cocktail import alpha_sweep, cocktail
@@ -33,21 +35,27 @@ def split_scores(scores: dict[str, float], target: str) -> dict[str, float]:
 
 def every_method_study(world: World, out: Path, log: Callable[[str], None],
                        workers: int | WorkerPool | None = 1) -> dict:
-    """Base + three experts merged with every registered method, scored on every task (one
-    Fisher estimate, then one method, per unit of work)."""
+    """Base + three experts merged with every registered method and with AdaMerging, scored on
+    every task (each expert's Fisher and RegMean Grams first, then one method, per unit of work)."""
     from mergelab.demo import demo_configs
+    from mergelab.methods import METHODS
 
     experts = {t: world.experts[t] for t in COCKTAIL_TARGETS}
     rows = {"base": world.scores["base"], **{f"expert-{t}": world.scores[f"expert-{t}"] for t in experts}}
+    needed = {p.name for method in METHODS.values() for p in method.tensor_files}  # fisher, gram
     with worker_pool(workers) as pool:
-        fishers = dict(zip(experts, pool.map(fisher_of, [(world, task, path, out / "fisher" / f"{task}.safetensors")
-                                                         for task, path in experts.items()])))
-        configs = demo_configs({"base": world.base, **experts}, fishers, list(experts))
+        units = {kind: {task: pool.submit(STATISTICS[kind], world, task, path, out / kind / f"{task}.safetensors")
+                        for task, path in experts.items()} for kind in sorted(needed)}
+        adamerged = pool.submit(adamerging_of, world, experts, out / "models" / "adamerging")
+        files = {kind: {task: unit.result() for task, unit in by_task.items()} for kind, by_task in units.items()}
+        configs = demo_configs({"base": world.base, **experts}, files, list(experts))
         scored = pool.imap(merge_and_score, [(world, config, out / "models" / method)
                                              for method, config in configs.items()])
         for method, scores in zip(configs, scored):
             rows[method] = scores
             log(f"    {method}")
+        rows["adamerging"] = adamerged.result()
+        log("    adamerging")
     return {"experts": list(experts), "scores": rows}
 
 
@@ -57,6 +65,30 @@ def fisher_of(world: World, task: str, model_dir: Path, out_path: Path) -> Path:
 
     texts = [f"{e['input']} {e['output']}" for e in world.pairs(task, "validation", 32)]
     return estimate_fisher(model_dir, texts, out_path, force=True)
+
+
+def gram_of(world: World, task: str, model_dir: Path, out_path: Path) -> Path:
+    """RegMean's input Grams of one expert on the validation examples of its task (a unit of work)."""
+    from mergelab.grams import regmean_stats
+
+    return regmean_stats(model_dir, world.data_file(task, "validation"), out_path, force=True, quiet=True)
+
+
+STATISTICS = {"fisher": fisher_of, "gram": gram_of}  # a tensor-file parameter -> how an expert's file is made
+
+
+def adamerging_of(world: World, experts: dict[str, Path], target: Path) -> dict[str, float]:
+    """AdaMerging of base + ``experts`` (λ learned on their tasks' unlabeled validation inputs, with
+    the demo's settings), scored on every task, then deleted (a unit of work)."""
+    from mergelab.adamerging import adamerging
+    from mergelab.demo import DEMO_PARAMETERS
+
+    adamerging(world.base, [(path, world.data_file(task, "validation")) for task, path in experts.items()], target,
+               force=True, quiet=True, **DEMO_PARAMETERS["adamerging"])
+    try:
+        return score_all(target, world)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def merge_and_score(world: World, config: dict, target: Path) -> dict[str, float]:
@@ -71,15 +103,22 @@ def merge_and_score(world: World, config: dict, target: Path) -> dict[str, float
 
 
 def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=None,
-                   workers: int | WorkerPool | None = 1) -> dict:
+                   workers: int | WorkerPool | None = 1, seeds: tuple[int, ...] = (0,)) -> dict:
     """For each target task: base, expert, LM-Cocktail (full, 5 examples), mono-specialist;
     the few-shot study (5 / 50 / 100 examples); and the α sweep on the first target. Each
-    merge (and the sweep) is a unit of work."""
+    merge (and the sweep) is a unit of work.
+
+    ``seeds``: picks of the 5 few-shot examples (seed 0: the first five validation examples;
+    others: a seeded sample). The LM-Cocktail row is their mean, with every seed's scores under
+    ``cocktail["seeds"]``; the 50/100-example rows and the mono-specialist (no examples) are one run."""
     sweep_target = COCKTAIL_TARGETS[0]
     with worker_pool(workers) as pool:
         sweep = pool.submit(sweep_of, world, sweep_target, out / "sweep", alphas)
         few_shot = pool.imap(cocktail_of, [(world, target, count, out / "models" / f"{target}-full-{count}")
                                            for target in COCKTAIL_TARGETS for count in FEW_SHOT])
+        extra = [seed for seed in seeds if seed != 0]
+        picks = pool.imap(cocktail_of, [(world, target, FEW_SHOT[0], out / "models" / f"{target}-seed{seed}", seed)
+                                        for target in COCKTAIL_TARGETS for seed in extra])
         mono = pool.imap(cocktail_of, [(world, target, None, out / "models" / f"{target}-mono")
                                        for target in COCKTAIL_TARGETS])
         results = {"targets": {}, "sweep": None}
@@ -87,7 +126,10 @@ def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=N
             entry = {"base": split_scores(world.scores["base"], target),
                      "expert": split_scores(world.scores[f"expert-{target}"], target),
                      "few_shot": {str(count): next(few_shot) for count in FEW_SHOT}}
-            entry["cocktail"] = {k: v for k, v in entry["few_shot"]["5"].items() if k != "weights"}
+            runs = ([entry["few_shot"][str(FEW_SHOT[0])]] if 0 in seeds else []) + [next(picks) for _ in extra]
+            entry["cocktail"] = {"target": mean(r["target"] for r in runs), "others": mean(r["others"] for r in runs),
+                                 "seeds": {"target": [r["target"] for r in runs],
+                                           "others": [r["others"] for r in runs]}}
             results["targets"][target] = entry
         for target in COCKTAIL_TARGETS:
             entry = results["targets"][target]
@@ -102,17 +144,20 @@ def cocktail_study(world: World, out: Path, log: Callable[[str], None], alphas=N
     return results
 
 
-def cocktail_of(world: World, target: str, count: int | None, merged: Path) -> dict:
+def cocktail_of(world: World, target: str, count: int | None, merged: Path, seed: int = 0) -> dict:
     """LM-Cocktail for one target (a unit of work): the full recipe with weights from ``count``
-    validation examples, or (``count=None``) the mono-specialist; scored, then deleted."""
+    validation examples (seed 0: the first ones; another seed: a seeded sample), or
+    (``count=None``) the mono-specialist; scored, then deleted."""
     expert = world.experts[target]
     peers = [path for name, path in world.experts.items() if name != target]
     if count is None:
         decision = cocktail(merged, finetuned=expert, base=world.base, recipe="mono", alpha=0.5, force=True)
         names = ["base"]
     else:
-        decision = cocktail(merged, finetuned=expert, base=world.base, peers=peers,
-                            examples=world.pairs(target, "validation", count), recipe="full", alpha=0.5, force=True)
+        examples = world.pairs(target, "validation")
+        examples = examples[:count] if seed == 0 else random.Random(f"{target}:{seed}").sample(examples, count)
+        decision = cocktail(merged, finetuned=expert, base=world.base, peers=peers, examples=examples,
+                            recipe="full", alpha=0.5, force=True)
         names = ["base", *[Path(p).name for p in peers]]
     try:
         scores = split_scores(score_all(merged, world), target)
