@@ -69,6 +69,11 @@ def sample_matrices(data: Path, count: int) -> tuple[list[str], collections.Coun
     return picked, collections.Counter({shape: len(names) for shape, names in by_shape.items()})
 
 
+def method_params(method: str, n_models: int) -> dict:
+    """TIES at density 0.2, weight 1; the subspace methods at their registry defaults."""
+    return {"weight": [1.0] * n_models, "density": [TIES_DENSITY] * n_models} if method == "ties" else {}
+
+
 def per_tensor(args) -> None:
     """Time each method on a few matrices and estimate the whole model."""
     from mergelab.io import CheckpointReader
@@ -79,13 +84,16 @@ def per_tensor(args) -> None:
     names, counts = sample_matrices(args.data, args.tensors)
     readers = [CheckpointReader(args.data / m) for m in ["base", *MODELS]]
     seconds: dict[str, dict[tuple, list[float]]] = {m: collections.defaultdict(list) for m in METHOD_NAMES}
+    small = torch.randn(64, 64)
+    for method in METHOD_NAMES:  # warm up: TIES's first call loads its compiled kernel (seconds)
+        METHODS[method]([small + 1, small - 1], small, **method_params(method, 2))
     for name in names:
         base, *experts = (reader.get(name).float() for reader in readers)
         shape = tuple(base.shape)
         for method in METHOD_NAMES:
-            params = {"weight": [1.0] * 4, "density": [TIES_DENSITY] * 4} if method == "ties" else {}
+            inputs = [e.clone() for e in experts]
             start = time.perf_counter()
-            METHODS[method]([e.clone() for e in experts], base, **params)
+            METHODS[method](inputs, base, **method_params(method, len(experts)))
             seconds[method][shape].append(time.perf_counter() - start)
         print(f"{name} {shape}: " + ", ".join(f"{m} {seconds[m][shape][-1]:.2f} s" for m in METHOD_NAMES), flush=True)
         if args.check_exact and name == names[0]:
