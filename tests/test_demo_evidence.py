@@ -138,7 +138,7 @@ def test_the_demo_report_shows_three_seeds_and_points_at_the_studies(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "over 3 training seeds" in report and "over 3 seeds of expert picks" in report
     assert "| sequential | 0.30 ± 0.01 | 0.80 ± 0.01 |" in report  # mean ± spread of add and sub at the end
-    assert "Baseline check" in report and "multitask ×3 on 'sub' 0.85 ± 0.01" in report
+    assert "Baseline check" in report and "multitask ×3 0.85 ± 0.01, sequential 0.80 ± 0.01): **reproduced**" in report
     assert "## 4. Scale and regime" in report and "`mergelab study scale --out study`" in report
     assert "`mergelab study sfa --out study/sfa`" in report
     assert "no verdict rests on it" in report
