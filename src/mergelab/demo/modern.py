@@ -140,17 +140,25 @@ def run_modern_grid(world, out: Path, workers=None, n_experts=FULL_N_EXPERTS, se
                     log: Callable[[str], None] = lambda *_: None) -> dict:
     """Run the extra grid in ``out`` (from scratch) and return its per-seed values
     (``{method: {n: {split: [one value per seed]}}}``) with the methods and the settings it ran."""
-    from mergelab.demo import demo_spec, grid_seed_values
+    from mergelab.demo import demo_spec
     from mergelab.experiments import run_grid
 
     methods = full_methods()
     spec = demo_spec(world, n_experts=n_experts, seeds=seeds, methods=methods)
     shutil.rmtree(out, ignore_errors=True)
     run_grid(spec, out, workers=workers, log=log)
+    return modern_results(out, world, methods, n_experts, seeds)
+
+
+def modern_results(grid_dir: Path, world, methods, n_experts, seeds) -> dict:
+    """What the report's section reads from a finished grid over ``methods`` (also one run as
+    ``mergelab grid --demo --methods ... --out grid_dir``)."""
+    from mergelab.demo import grid_seed_values
+
     return {"methods": list(methods), "seed_four": [m for m in SEED_FOUR if m in methods],
             "modern": [m for m in methods if m not in SEED_FOUR], "missing": [m for m in MODERN if m not in methods],
-            "n_experts": list(n_experts), "seeds": list(seeds), "values": grid_seed_values(out, world),
-            "multitask": json.loads((out / "summary.json").read_text()).get("multitask")}
+            "n_experts": list(n_experts), "seeds": list(seeds), "values": grid_seed_values(grid_dir, world),
+            "multitask": json.loads((grid_dir / "summary.json").read_text()).get("multitask")}
 
 
 def modern_table(result: dict) -> str:
