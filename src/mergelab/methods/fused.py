@@ -51,6 +51,25 @@ def usable(tensors: list[torch.Tensor], base: torch.Tensor | None) -> bool:
     return available()
 
 
+CANDIDATES_SHARE = 16  # pass 1 keeps at most 1/16 of the entries as threshold candidates
+CANDIDATES_MIN = 4096
+SAMPLE = 1 << 15  # entries sampled to guess the threshold's buckets
+
+
+def _likely_buckets(expert: np.ndarray, base: np.ndarray, k: int) -> tuple[int, int]:
+    """The histogram buckets (top 16 bits of |τ|) that very likely hold the k-th largest |τ|,
+    from an evenly spaced sample of τ: the sample's quantiles a few standard errors either side
+    of 1 − k/n. A wrong guess costs time (pass 2), never a different result."""
+    step = max(1, expert.size // SAMPLE)
+    sample = np.abs(expert[::step] - base[::step])  # (≤ SAMPLE,)
+    m = sample.size
+    quantile = 1.0 - k / expert.size
+    margin = 4.0 * (quantile * (1.0 - quantile) / m) ** 0.5 + 2.0 / m
+    ranks = [min(m - 1, max(0, int((quantile + side * margin) * m))) for side in (-1.0, 1.0)]
+    low, high = np.partition(sample, ranks)[ranks].view(np.uint32) >> 16
+    return int(low), int(high)
+
+
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], density: list[float],
          keep_ties: bool, lam: float, normalize: bool) -> torch.Tensor:
     """θ_b + λ · TIES(τ_i) with magnitude trim (keep_ties) and sign consensus; bit for bit the
@@ -62,8 +81,11 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], d
     deltas = [t.reshape(-1).numpy() for t in tensors]
     thresholds = np.zeros(len(deltas), dtype=np.float32)
     for index, delta in enumerate(deltas):
-        counts = delta_histogram(delta, base_flat)
         n, k = delta.size, int(density[index] * delta.size)
+        trims = density[index] < 1.0 and 0 < k < n
+        low, high = _likely_buckets(delta, base_flat, k) if trims else (1 << 15, 1 << 15)  # (no bucket)
+        candidates = np.empty(min(n, max(CANDIDATES_MIN, n // CANDIDATES_SHARE)) if trims else 0, dtype=np.float32)
+        counts, found, complete = delta_histogram(delta, base_flat, low, high, candidates)
         if density[index] >= 1.0:
             thresholds[index] = -np.inf  # no trim: every entry passes |d| >= -inf (NaN too? see below)
         elif k >= n:
@@ -75,7 +97,10 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], d
             rank = int(np.searchsorted(from_top, k))
             bucket = (1 << 15) - 1 - rank
             above = int(from_top[rank - 1]) if rank > 0 else 0
-            values = bucket_values(delta, bucket, int(counts[bucket]))
+            if complete and low <= bucket <= high:  # pass 1 kept the bucket's entries: no pass 2
+                values = candidates[:found][(candidates[:found].view(np.uint32) >> 16) == bucket]
+            else:
+                values = bucket_values(delta, bucket, int(counts[bucket]))
             needed = k - above
             kth = float(np.partition(values, values.size - needed)[values.size - needed])
             thresholds[index] = max(kth, SMALLEST_SUBNORMAL)
