@@ -4,16 +4,17 @@ Two modes:
 
 - ``--tensors N``: in this process, on one torch thread, merge N weight matrices of the four
   experts (one of each shape first, then more) with each method and with TIES (density 0.2),
-  print seconds per matrix, and estimate a whole-model merge as Σ over shapes of (matrices of
-  that shape × mean seconds) — a quick check that leaves the machine to others.
-  ``--check-exact`` also compares the fast routes with ``torch.linalg.svd`` on the first matrix.
+  print CPU seconds per matrix (and wall seconds, which on a shared machine also count other
+  processes' turns), and estimate a whole-model merge as Σ over shapes of (matrices of that
+  shape × mean CPU seconds) — a quick check that leaves the machine to others.
+  ``--check-exact`` also compares the routes with a float64 SVD on the first matrix.
 - without ``--tensors``: whole merges through ``mergelab merge --threads 1`` (OMP_NUM_THREADS=1),
   measured as ``bench_methods.py`` measures (own process, waits for idle CPUs, records other
   processes' CPU time, minimum wall time of the quiet runs, maximum peak RSS); writes
   benchmarks/results/subspace_748m.json. Target (issue 14): tsv and iso_c within 5× TIES.
 
     python benchmarks/make_llama_748m.py
-    python benchmarks/bench_subspace.py --tensors 3 [--check-exact]
+    python benchmarks/bench_subspace.py --tensors 3 [--check-exact] [--only ties iso_c]
     python benchmarks/bench_subspace.py [--only ties iso_c]
 """
 
@@ -83,24 +84,31 @@ def per_tensor(args) -> None:
     torch.set_num_threads(1)
     names, counts = sample_matrices(args.data, args.tensors)
     readers = [CheckpointReader(args.data / m) for m in ["base", *MODELS]]
-    seconds: dict[str, dict[tuple, list[float]]] = {m: collections.defaultdict(list) for m in METHOD_NAMES}
+    methods = [m for m in METHOD_NAMES if not args.only or m in args.only]
+    seconds: dict[str, dict[tuple, list[float]]] = {m: collections.defaultdict(list) for m in methods}
+    wall: dict[str, float] = {}
     small = torch.randn(64, 64)
-    for method in METHOD_NAMES:  # warm up: TIES's first call loads its compiled kernel (seconds)
+    for method in methods:  # warm up: TIES's first call loads its compiled kernel (seconds)
         METHODS[method]([small + 1, small - 1], small, **method_params(method, 2))
     for name in names:
         base, *experts = (reader.get(name).float() for reader in readers)
         shape = tuple(base.shape)
-        for method in METHOD_NAMES:
+        for method in methods:
             inputs = [e.clone() for e in experts]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             METHODS[method](inputs, base, **method_params(method, len(experts)))
-            seconds[method][shape].append(time.perf_counter() - start)
-        print(f"{name} {shape}: " + ", ".join(f"{m} {seconds[m][shape][-1]:.2f} s" for m in METHOD_NAMES), flush=True)
+            # CPU seconds: on a shared machine the wall clock also counts other processes' turns
+            seconds[method][shape].append(time.process_time() - start_cpu)
+            wall[method] = time.perf_counter() - start
+        print(f"{name} {shape}, CPU s (wall s): "
+              + ", ".join(f"{m} {seconds[m][shape][-1]:.2f} ({wall[m]:.1f})" for m in methods), flush=True)
         if args.check_exact and name == names[0]:
             summed = sum(e - base for e in experts)
-            exact, fast = subspace.isotropic(summed, "svd"), subspace.isotropic(summed, "gram")
-            print(f"  iso_c gram vs svd: max |Δ| {float((fast - exact).abs().max()):.2e} "
-                  f"(max |exact| {float(exact.abs().max()):.2e})", flush=True)
+            u, s, vh = torch.linalg.svd(summed.double(), full_matrices=False)
+            exact = s.mean() * u @ vh
+            for how in ("svd", "gram"):
+                error = float((subspace.isotropic(summed, how).double() - exact).norm() / exact.norm())
+                print(f"  iso_c {how} (float32) vs a float64 SVD: relative Frobenius error {error:.2e}", flush=True)
             keep = min(shape) // 4
             u, s, vh = subspace.top_singular(experts[0] - base, keep, "svd")
             for how in ("lowrank", "gram"):
@@ -110,10 +118,10 @@ def per_tensor(args) -> None:
                       flush=True)
     for reader in readers:
         reader.close()
-    print(f"\nestimated whole-model seconds (one thread; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+    print(f"\nestimated whole-model CPU seconds (one thread; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"2-D matrices only, shapes {dict(counts)}):")
     ties_total = None
-    for method in METHOD_NAMES:
+    for method in methods:
         measured = {shape: sum(v) / len(v) for shape, v in seconds[method].items()}
         missing = [shape for shape in counts if shape not in measured]
         total = sum(counts[shape] * mean for shape, mean in measured.items())
@@ -138,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="quiet runs wanted per method")
     parser.add_argument("--max-runs", type=int, default=3, help="most runs per method while waiting for quiet ones")
     parser.add_argument("--max-wait", type=float, default=120, help="seconds to wait for an idle machine per run")
-    parser.add_argument("--only", nargs="*", help="whole merges of only these methods (list ties too)")
+    parser.add_argument("--only", nargs="*", help="only these methods (list ties too, for the ratio)")
     args = parser.parse_args()
     args.data = args.data.resolve()
     if not (args.data / MODELS[-1] / "model.safetensors.index.json").is_file():

@@ -119,6 +119,27 @@ def test_the_order_of_the_experts_does_not_matter(method):
     assert torch.allclose(merge(method, tau, **params), merge(method, tau[::-1], **params), atol=1e-5)
 
 
+def test_iso_cts_is_the_papers_formula_with_both_concatenations_orthogonalized():
+    # The reference (float64, full SVDs): common top-k of Σ τ_i, each τ_i's top directions off
+    # it, both concatenations replaced by their polar factors, spectrum flattened to the mean.
+    # The method orthogonalizes only the task U's (they are orthogonal to the common ones).
+    tau = [decaying(12, 10, seed=s, rate=0.75) for s in (40, 50, 60)]
+    common, per_task = common_split(10, 3, 0.4)  # 4 common + 2 per task
+
+    def polar64(matrix):
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u @ vh
+
+    u, s, vh = torch.linalg.svd(sum(tau).double(), full_matrices=False)
+    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    for task in tau:
+        outside = task.double() - u[:, :common] @ (u[:, :common].T @ task.double())
+        tu, ts, tvh = torch.linalg.svd(outside, full_matrices=False)
+        us, ss, vhs = us + [tu[:, :per_task]], ss + [ts[:per_task]], vhs + [tvh[:per_task]]
+    expected = torch.cat(ss).mean() * polar64(torch.cat(us, dim=1)) @ polar64(torch.cat(vhs).T).T
+    assert torch.allclose(merge("iso_cts", tau, common_fraction=0.4).double(), expected, atol=1e-5)
+
+
 def test_iso_cts_with_the_whole_rank_common_is_iso_c():
     tau = [decaying(8, 6, seed=s) + 0.1 * decaying(8, 6, seed=s + 7, rate=0.95) for s in (1, 2, 3)]
     assert torch.allclose(merge("iso_cts", tau, common_fraction=1.0), merge("iso_c", tau), atol=1e-6)

@@ -52,8 +52,10 @@ Per m×n matrix that makes ``iso_c`` one Gram-route SVD plus U·Vᵀ: 6·l·r² 
 ``tsv`` N top-k SVDs (N·(2·l·r² + eigh(r) + 2·l·r·k)) and two polar factors of the (m, N·k)
 and (n, N·k) concatenations (each 6·p·q² + eigh(q), q = N·k ≤ r), plus 2·m·n·q to rebuild;
 ``iso_cts`` the common part of Σ τ_i (2·l·r² + eigh(r)), N projections (4·m·n·k_common) and
-randomized top-k's, and two polar factors with q = r. ``eigh`` dominates: ``iso_c`` costs about
-one, ``iso_cts`` three, ``tsv`` N + 2 of them per matrix. Measured seconds per matrix are in
+randomized top-k's, the polar factor of the (n, r) V's (6·n·r² + eigh(r)) and that of the task
+U's only (m × N·k_task; the common U's are orthonormal and orthogonal to them), and 2·m·n·r to
+rebuild. ``eigh`` dominates: ``iso_c`` costs about one, ``iso_cts`` two, ``tsv`` N + 2 of them
+per matrix. Measured seconds per matrix are in
 benchmarks/README.md (``benchmarks/bench_subspace.py``).
 
 Example:
@@ -166,8 +168,11 @@ def iso_cts(tensors: list[torch.Tensor], base: torch.Tensor, *, alpha: float,
         for collected, part in zip((us, ss, vhs), top_singular(task_vector, per_task)):
             collected.append(part)
         task_vectors[index] = tensors[index] = None  # release as we go
-    u_orth = polar(torch.cat(us, dim=1))  # (m, q)
-    v_orth = polar(torch.cat(vhs, dim=0).T)  # (n, q)
+    # The task directions lie outside the common subspace, so the concatenated U's Gram matrix is
+    # blockdiag(I, Gram of the task U's), and its polar factor is [U_common, polar(task U's)]:
+    # an (m, N·per_task) polar factor instead of an (m, r) one, and the same result.
+    u_orth = torch.cat([u_common, polar(torch.cat(us[1:], dim=1))], dim=1)  # (m, q)
+    v_orth = polar(torch.cat(vhs, dim=0).T)  # (n, q): no such structure on this side
     scale = torch.cat(ss).sum().item() / (common + n_tasks * per_task)  # mean of the r kept values (0s included)
     merged = u_orth @ v_orth.T
     return merged.mul_(scale * alpha).add_(base)
