@@ -5,8 +5,12 @@ minimizes the Shannon entropy of the merged model's predictions on unlabeled inp
 tasks, summed over the tasks. Task-wise AdaMerging learns one λ per task; layer-wise one per
 task and group of tensors, a group being a transformer block (``model.layers.7.``) or a
 tensor outside the blocks (embeddings, final norm, lm_head: each its own group). For a causal
-LM the predictions are the next-token distributions at every token of the task inputs (the
-prompts, no labels). Every λ starts at 0.3, the paper's initialisation.
+LM the predictions are next-token distributions on the task inputs (the prompts, no labels):
+by default (``positions="last"``) the one that follows each input, over the first tokens of
+the record's options where it has them (a rank-classification task's classes, as the paper's
+classifiers predict over their task's classes) and over the vocabulary otherwise; with
+``positions="all"``, at every token of the input, over the vocabulary. Every λ starts at 0.3,
+the paper's initialisation.
 
 The merged model θ_b + Σ λ τ is built with ``torch.func.functional_call`` at each step, so
 the base and the N task vectors are held in memory: models over ``max_params`` parameters
@@ -31,9 +35,10 @@ import torch
 from mergelab.errors import MergelabError
 from mergelab.threads import Threads
 
-DEFAULTS: dict[str, Any] = {"mode": "task", "steps": 500, "lr": 1e-3, "init": 0.3, "examples": 256,
+DEFAULTS: dict[str, Any] = {"mode": "task", "positions": "last", "steps": 500, "lr": 1e-3, "init": 0.3, "examples": 256,
                             "batch_size": 16, "max_length": 512, "max_params": 200_000_000}
 MODES = ("task", "layer")
+POSITIONS = ("last", "all")
 _BLOCK = re.compile(r"\.(\d+)\.")  # the block index of a tensor name, as mergelab.config.layer_index reads it
 
 
@@ -53,7 +58,7 @@ class AdaMergingResult:
     config: dict
 
 
-def check_settings(mode: str = DEFAULTS["mode"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
+def check_settings(mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
                    init: float = DEFAULTS["init"], examples: int = DEFAULTS["examples"],
                    batch_size: int = DEFAULTS["batch_size"], max_length: int = DEFAULTS["max_length"],
                    max_params: int = DEFAULTS["max_params"]) -> None:
@@ -61,6 +66,9 @@ def check_settings(mode: str = DEFAULTS["mode"], steps: int = DEFAULTS["steps"],
     if mode not in MODES:
         raise MergelabError(f"adamerging mode '{mode}' is not known; use task (one λ per model) or layer "
                             f"(one per model and block)")
+    if positions not in POSITIONS:
+        raise MergelabError(f"adamerging positions '{positions}' is not known; use last (the prediction that "
+                            f"follows each input) or all (every token of the inputs)")
     for value, name, low in ((steps, "steps", 1), (examples, "examples", 1), (batch_size, "batch_size", 1),
                              (max_length, "max_length", 2), (max_params, "max_params", 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -82,7 +90,7 @@ def group_of(name: str, mode: str) -> str:
 
 
 def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]], out: str | Path | None, *,
-               mode: str = DEFAULTS["mode"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
+               mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
                init: float = DEFAULTS["init"], examples: int = DEFAULTS["examples"],
                batch_size: int = DEFAULTS["batch_size"], max_length: int = DEFAULTS["max_length"],
                max_params: int = DEFAULTS["max_params"], seed: int = 0, device: str = "cpu", force: bool = False,
@@ -111,7 +119,7 @@ def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]
     from mergelab.outdir import check_output_dir
     from mergelab.threads import check_threads, use_threads
 
-    check_settings(mode, steps, lr, init, examples, batch_size, max_length, max_params)
+    check_settings(mode, positions, steps, lr, init, examples, batch_size, max_length, max_params)
     if not experts:
         raise MergelabError("adamerging needs at least one expert model with its data file")
     device = check_device(device, "--device")
@@ -126,12 +134,12 @@ def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]
         raise MergelabError(f"adamerging holds the base and {len(experts)} task vectors in memory; base model {base} "
                             f"has {size:,} parameters, over max_params {max_params:,}; raise max_params (about "
                             f"{(len(experts) + 2) * size * 4 / 1e9:.1f} GB) or choose another method")
-    prompts = [[r["input"] for r in task_records(data, examples)] for _, data in experts]
+    records = [task_records(data, examples) for _, data in experts]
 
     model, tokenizer, names, anchor, task_vectors = _load(base, models, device)
     groups = list(dict.fromkeys(group_of(name, mode) for name in names))
     index = torch.tensor([groups.index(group_of(name, mode)) for name in names])
-    batches = [_encode(tokenizer, texts, max_length) for texts in prompts]
+    batches = [_encode(tokenizer, rows, max_length) for rows in records]
     lambdas = torch.full((len(experts), len(groups)), float(init), device=device, requires_grad=True)
 
     def merged_params() -> dict[str, torch.Tensor]:
@@ -140,9 +148,10 @@ def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]
 
     def entropy(params, chosen: list[list[int]] | None) -> torch.Tensor:
         total = torch.zeros((), device=device)
-        for t, (input_ids, mask) in enumerate(batches):
+        for t, (input_ids, mask, allowed) in enumerate(batches):
             rows = slice(None) if chosen is None else chosen[t]
-            total = total + _mean_entropy(model, params, input_ids[rows].to(device), mask[rows].to(device))
+            total = total + _mean_entropy(model, params, input_ids[rows].to(device), mask[rows].to(device),
+                                          allowed[rows].to(device), positions)
         return total
 
     rng = random.Random(f"adamerging:{seed}")
@@ -154,12 +163,12 @@ def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]
         with torch.no_grad():
             before = float(entropy(merged_params(), None))
         for _ in tqdm(range(steps), desc="adamerging", unit="step", disable=quiet):
-            chosen = [rng.sample(range(len(ids)), min(batch_size, len(ids))) for ids, _ in batches]
+            chosen = [rng.sample(range(len(ids)), min(batch_size, len(ids))) for ids, _, _ in batches]
             loss = entropy(merged_params(), chosen)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
         with torch.no_grad():
             after = float(entropy(merged_params(), None))
     learned = lambdas.detach().cpu().tolist()
@@ -211,21 +220,40 @@ def _load(base, models: list[str], device):
     return model, tokenizer, names, anchor, task_vectors
 
 
-def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from mergelab.evaluate.decoder import ensure_pad_token, pad
+def _encode(tokenizer, records: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of the inputs, right-padded, and per input the tokens its
+    prediction ranges over: the first token of each option (as the scorer splits them) for a
+    rank-classification record, the whole vocabulary otherwise (B, V)."""
+    from mergelab.evaluate.decoder import ensure_pad_token, pad, split_encode
 
-    rows = [tokenizer(text)["input_ids"][:max_length] for text in texts]
-    return pad(rows, ensure_pad_token(tokenizer))
+    rows = [tokenizer(record["input"])["input_ids"][:max_length] for record in records]
+    input_ids, mask = pad(rows, ensure_pad_token(tokenizer))
+    allowed = torch.ones(len(records), len(tokenizer), dtype=torch.bool)
+    for row, record in enumerate(records):
+        firsts = [split_encode(tokenizer, record["input"], option)[1][:1] for option in record.get("options", [])]
+        if firsts and all(firsts):
+            allowed[row] = False
+            allowed[row, [ids[0] for ids in firsts]] = True
+    return input_ids, mask, allowed
 
 
-def _mean_entropy(model, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of the next-token distributions at the non-padding tokens."""
+def _mean_entropy(model, params: dict[str, torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor,
+                  allowed: torch.Tensor, positions: str) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the next-token distributions at each input's last token
+    ("last"; over the ``allowed`` tokens, a classifier's classes) or at every non-padding token
+    ("all", over the vocabulary)."""
     from torch.func import functional_call
 
     logits = functional_call(model, params, (), {"input_ids": input_ids, "attention_mask": mask}).logits
-    log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
-    entropy = -(log_p.exp() * log_p).sum(-1)  # (B, L)
+    logits = logits[..., :allowed.shape[-1]].float()  # (B, L, V); rows past the tokenizer's never occur
+    if positions == "last":  # right-padded: the last real token of each row, over its options
+        logits = logits[torch.arange(len(logits)), mask.sum(1) - 1].masked_fill(~allowed, float("-inf"))
+        logits, mask = logits.unsqueeze(1), torch.ones(len(logits), 1, dtype=mask.dtype, device=mask.device)
+        allowed = allowed.unsqueeze(1)  # (B, 1, V)
+    else:
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p.masked_fill(~allowed, 0.0)).sum(-1)  # (B, L)
     weights = mask.to(entropy.dtype)
     return (entropy * weights).sum() / weights.sum()
 

@@ -196,6 +196,43 @@ def regmean_stats(model_dir, data, out, examples, max_length, batch_size, device
     click.echo(f"statistics written to {path}")
 
 
+@main.command()
+@click.option("--base", "base", required=True, help="The model the experts were fine-tuned from.")
+@click.option("--model", "models", multiple=True, required=True, help="An expert model (repeatable; one --data each).")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="The unlabeled inputs of the --model before it: task records (their 'input' fields).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
+@click.option("--mode", default="task", show_default=True, type=click.Choice(["task", "layer"]),
+              help="task: one λ per model; layer: one per model and block (embeddings, norm, lm_head: their own).")
+@click.option("--positions", default="last", show_default=True, type=click.Choice(["last", "all"]),
+              help="Entropy of the prediction after each input (over its options, if any), or at every token.")
+@click.option("--steps", default=500, show_default=True, help="Adam steps.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam's learning rate.")
+@click.option("--init", default=0.3, show_default=True, help="Every λ's starting value.")
+@click.option("--examples", default=256, show_default=True, help="Inputs per model.")
+@click.option("--batch-size", default=16, show_default=True, help="Inputs per model per step.")
+@click.option("--max-length", default=512, show_default=True, help="Tokens kept of each input.")
+@click.option("--max-params", default=200_000_000, show_default=True,
+              help="Refuse larger models (the base and every task vector are held in memory).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the batches drawn each step.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only after the merge succeeded).")
+@click.option("--quiet", is_flag=True)
+@_threads_option
+def adamerging(base, models, data, out, **options) -> None:
+    """AdaMerging: learn task arithmetic's λ (per model, or per model and layer) by minimizing the
+    entropy of the merged model's predictions on each model's unlabeled inputs; write the merge."""
+    if len(models) != len(data):
+        raise MergelabError(f"give one --data per --model (got {len(models)} --model and {len(data)} --data)")
+    from mergelab.adamerging import adamerging as run
+
+    result = run(base, list(zip(models, data)), out, **options)
+    for model, row in zip(models, result.lambdas):
+        click.echo(f"{model}: λ = " + ", ".join(f"{value:.4f}" for value in row))
+    click.echo(f"entropy {result.entropy_before:.4f} at λ = {options['init']}, {result.entropy_after:.4f} learned")
+    click.echo(f"merged model written to {out}")
+
+
 @main.command(name="eval")
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tasks", "tasks", default=None, type=click.Path(path_type=Path), help="Tasks YAML/JSON file.")

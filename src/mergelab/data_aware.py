@@ -29,7 +29,8 @@ from mergelab.methods.base import Param
 
 def task_records(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
     """The first ``limit`` records of a task file as ``{"input": ..., "output": ...}`` (``output``
-    absent where the record has none): what a decoder is fine-tuned on.
+    absent where the record has none): what a decoder is fine-tuned on; a rank-classification
+    record keeps its ``options`` too.
 
     Example:
         >>> task_records("data/add/train.jsonl", 2)  # doctest: +SKIP
@@ -63,7 +64,9 @@ def _record(row: Any, where: str) -> dict[str, str]:
         if isinstance(answer, bool) or not isinstance(answer, int) or not isinstance(options, list) \
                 or not 0 <= answer < len(options) or not isinstance(options[answer], str):
             raise MergelabError(f"{where}: 'answer' must index 'options' (or be one of them), got {answer!r}")
-        return {"input": text, "output": options[answer]}
+        if not all(isinstance(option, str) for option in options):
+            raise MergelabError(f"{where}: 'options' must be strings")
+        return {"input": text, "output": options[answer], "options": options}
     output = row.get("output")
     if output is not None and not isinstance(output, str):
         raise MergelabError(f"{where}: 'output' must be a string, got {output!r}")
@@ -171,6 +174,8 @@ def _adamerging_params() -> tuple[Param, ...]:
 
     return (
         Param("mode", DEFAULTS["mode"], kind=str, help="task: one λ per expert; layer: one per expert and block"),
+        Param("positions", DEFAULTS["positions"], kind=str,
+              help="last: the prediction after each input (over its options); all: every token"),
         Param("steps", DEFAULTS["steps"], kind=int, low=1, help="Adam steps on the entropy"),
         Param("lr", DEFAULTS["lr"], low=0.0, low_open=True, help="Adam's learning rate"),
         Param("init", DEFAULTS["init"], help="every λ's starting value (the paper's 0.3)"),
