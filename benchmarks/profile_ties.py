@@ -56,7 +56,8 @@ def main():
              and n.endswith("proj.weight")]
     if args.embed:
         names.insert(0, "model.embed_tokens.weight")
-    print(f"{len(names)} tensors, {sum(readers[0].tensors[n].shape.numel() if hasattr(readers[0].tensors[n].shape, 'numel') else int(np.prod(readers[0].tensors[n].shape)) for n in names) / 1e6:.0f}M entries each model; pid {os.getpid()}, load {os.getloadavg()[0]:.1f}")
+    entries = sum(int(np.prod(readers[0].tensors[n].shape)) for n in names)
+    print(f"{len(names)} tensors, {entries / 1e6:.0f}M entries per model; load {os.getloadavg()[0]:.1f}")
     out_fd = os.open("/tmp/profile_ties.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     weight, density = [1.0] * 4, [0.2] * 4
     kernels = fused._kernels()

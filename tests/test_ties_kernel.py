@@ -4,6 +4,7 @@ task vectors with many entries tied at the trim threshold, zeros, and -0.0 in th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,62 @@ def test_compiled_kernel_is_the_torch_kernel_bit_for_bit(monkeypatch):
             monkeypatch.setattr(fused, "MIN_NUMEL", minimum)
             results.append(METHODS["ties"]([e.clone() for e in experts], base.clone(), **params))
         assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32)), case
+
+
+def bfloat16_case(seed: int, n: int = 2, numel: int = 5000):
+    """bfloat16 checkpoints (as the benchmark's) whose task vectors tie often: half the experts
+    move by small multiples of 1/64, so many |τ| equal the trim threshold exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=generator).to(torch.bfloat16)
+    base[::11] = -0.0
+    experts = [(base.float() + (torch.randint(-3, 4, (numel,), generator=generator).float() / 64 if i % 2 else
+                                torch.randn(numel, generator=generator) * 0.01)).to(torch.bfloat16) for i in range(n)]
+    return experts, base
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_pass_is_the_reference_on_bfloat16_inputs(seed):
+    """Pass 1 on float32 copies of bfloat16 checkpoints: τ = θ_i − θ_b bit for bit, the histogram
+    of the top 16 bits of |τ|, and |τ| of exactly the entries whose bucket is in the window, in
+    storage order (what the threshold is then read from)."""
+    if not fused.available():
+        pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+    delta_histogram = fused._kernels()[0]
+    experts, base = bfloat16_case(seed)
+    for expert in experts:
+        expected = expert.float() - base.float()
+        top = expected.abs().view(torch.int32) >> 16  # (numel,) bucket per entry
+        low = int(torch.quantile(top.float(), 0.7))
+        high = low + seed % 3
+        for capacity in (expected.numel(), 7):  # room for every candidate, and too little
+            delta, candidates = expert.float().numpy(), np.empty(capacity, dtype=np.float32)
+            counts, found, complete = delta_histogram(delta, base.float().numpy(), low, high, candidates)
+            assert torch.equal(torch.from_numpy(delta).view(torch.int32), expected.view(torch.int32))
+            assert torch.equal(torch.from_numpy(counts), torch.bincount(top, minlength=1 << 15))
+            in_window = expected.abs()[(top >= low) & (top <= high)]
+            assert complete == (in_window.numel() <= capacity) and found == min(in_window.numel(), capacity)
+            assert torch.equal(torch.from_numpy(candidates[:found]), in_window[:found])
+
+
+@pytest.mark.parametrize("window", ["guessed", "missed", "overflowing"])
+def test_compiled_thresholds_do_not_depend_on_the_guessed_window(window, monkeypatch):
+    """The threshold buckets are guessed from a sample: a guess that misses the bucket, or a
+    window with more entries than the candidate buffer holds, costs a second pass, never a
+    different result (bfloat16 task vectors with many entries tied at the threshold)."""
+    if not fused.available():
+        pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+    experts, base = bfloat16_case(5, n=4, numel=20000)
+    if window == "missed":
+        monkeypatch.setattr(fused, "_likely_buckets", lambda expert, base, k: (1, 2))
+    elif window == "overflowing":
+        monkeypatch.setattr(fused, "_likely_buckets", lambda expert, base, k: (0, (1 << 15) - 1))
+        monkeypatch.setattr(fused, "CANDIDATES_MIN", 16)
+        monkeypatch.setattr(fused, "CANDIDATES_SHARE", 1 << 20)
+    params = dict(weight=[1.0] * 4, density=[0.2, 0.05, 0.5, 0.2])
+    results = []
+    for minimum in (1 << 62, 0):  # the torch kernel, then the compiled one
+        monkeypatch.setattr(fused, "MIN_NUMEL", minimum)
+        results.append(METHODS["ties"]([e.float() for e in experts], base.float(), **params))
+    assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32))
+    expected = reference_ties([e.float() for e in experts], base.float(), params["weight"], params["density"])
+    assert torch.equal(results[1].view(torch.int32), expected.view(torch.int32))
