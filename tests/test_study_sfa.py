@@ -46,6 +46,15 @@ def test_every_axis_of_the_issue_is_varied_one_at_a_time_from_the_demos_stream()
     assert plan.regimes_skipped == ([] if "pretrained" in regimes_available() else ["pretrained"])
 
 
+def test_regimes_are_checked_and_one_left_out_is_reported_not_tested():
+    from mergelab import MergelabError
+
+    with pytest.raises(MergelabError, match="regime 'pretrain' is not one the SFA study knows"):
+        plan_study(regimes=("plain", "pretrain"))
+    plan = plan_study(regimes=("plain",))
+    assert {s.regime for s in plan.streams} == {"plain"} and plan.regimes_skipped == ["pretrained"]
+
+
 def test_the_papers_behaviour_needs_both_gaps_beyond_the_seeds_spread():
     plan = plan_study(quick=True)
     # SFA forgets less by 0.4 and learns sub within 0.05 of sequential, seeds ±0.01: reproduced everywhere
@@ -84,10 +93,12 @@ def test_quick_study_writes_its_table_and_verdicts_from_its_own_runs(tmp_path, m
 
     monkeypatch.setenv("MERGELAB_CACHE", str(quick_cache))
     out = tmp_path / "study" / "sfa"
-    result = CliRunner().invoke(main, ["study", "sfa", "--quick", "--out", str(out), "--workers", "1", "--quiet"])
+    result = CliRunner().invoke(main, ["study", "sfa", "--quick", "--out", str(out), "--workers", "1", "--quiet",
+                                       "--regimes", "plain"])  # one quick world: the pretrained one is the scale study's
     assert result.exit_code == 0, result.output
     study = json.loads((out / "results.json").read_text())
-    plan = plan_study(quick=True)
+    plan = plan_study(quick=True, regimes=("plain",))
+    assert study["regimes_skipped"] == ["pretrained"]
     assert [s["name"] for s in study["streams"]] == [s.name for s in plan.streams]
     for row in study["conditions"]:
         assert {row["forgets_less"], row["learns_new_task"], row["paper_behaviour"]} <= VERDICTS
@@ -102,6 +113,8 @@ def test_quick_study_writes_its_table_and_verdicts_from_its_own_runs(tmp_path, m
     assert "| varied | condition |" in studied["table"]
     report = (out / "report.md").read_text()
     assert all(v["line"] in report for v in studied["verdicts"])
+    assert studied["verdicts"][-1]["claim"] == "sfa-regime-pretrained" and studied["verdicts"][-1]["verdict"] == \
+        "not tested"
 
 
 def test_a_bad_out_is_refused_before_any_world_is_built(tmp_path, monkeypatch):

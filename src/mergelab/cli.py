@@ -519,16 +519,19 @@ def study() -> None:
 @study.command(name="sfa")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for the results.")
 @click.option("--quick", is_flag=True, help="The quick world, short streams, few conditions (a smoke test).")
+@click.option("--regimes", default="plain,pretrained", show_default=True,
+              help="Regimes to compare (plain always runs); without pretrained its world is not built.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once everything succeeded).")
 @click.option("--quiet", is_flag=True)
 @_workers_option
-def study_sfa(out: Path, quick: bool, force: bool, quiet: bool, workers: int | None) -> None:
+def study_sfa(out: Path, quick: bool, regimes: str, force: bool, quiet: bool, workers: int | None) -> None:
     """SFA on the demo LM stream (add, then sub): which training length, β, p, learning rate and
     regime give the paper's behaviour (forgets less, learns the new task about as well)."""
     from mergelab.parallel import check_workers
     from mergelab.studies.sfa_lm import run_sfa_study
 
-    run_sfa_study(out, quick=quick, workers=check_workers(workers, "--workers"), force=force, quiet=quiet)
+    run_sfa_study(out, quick=quick, workers=check_workers(workers, "--workers"), force=force, quiet=quiet,
+                  regimes=tuple(r.strip() for r in regimes.split(",") if r.strip()))
     click.echo(f"report written to {Path(out) / 'report.md'}")
 
 

@@ -335,7 +335,8 @@ def read_studies(directories) -> list[dict]:
     """The verdicts of ``mergelab study scale`` / ``mergelab study sfa`` output directories
     (``DIR/verdicts.json``, and ``DIR/sfa/verdicts.json`` when the SFA study was written inside
     DIR): ``[{"source": path, "verdicts": [{"claim", "verdict", "line"}], "table": the SFA
-    study's conditions table or None}]``. A directory without any, or a malformed file, is a MergelabError (before any work)."""
+    study's conditions table or None}]``. A directory without any, or a malformed file, is a
+    MergelabError (before any work)."""
     import json
     from pathlib import Path
 

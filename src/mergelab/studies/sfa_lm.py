@@ -64,8 +64,15 @@ def regimes_available() -> list[str]:
     return kinds
 
 
-def plan_study(quick: bool = False) -> StudyPlan:
-    """The streams: the demo's setting with p and β swept, then one axis changed at a time."""
+def plan_study(quick: bool = False, regimes: tuple[str, ...] = ("plain", "pretrained")) -> StudyPlan:
+    """The streams: the demo's setting with p and β swept, then one axis changed at a time.
+    ``regimes``: besides plain (always run), the regimes to compare; one this version of the
+    world cannot build is reported as not tested, and one left out as not run."""
+    from mergelab.errors import MergelabError
+
+    unknown = [r for r in regimes if r not in ("plain", "pretrained")]
+    if unknown:
+        raise MergelabError(f"regime '{unknown[0]}' is not one the SFA study knows; use plain and/or pretrained")
     length, lr = (QUICK if quick else DEMO)["steps"], (QUICK if quick else DEMO)["lr"]
     if quick:
         reference = Stream("reference", "p / β", length, lr, sfa=((1.0, 0.5), (0.25, 0.5), (0.25, 0.25)))
@@ -78,10 +85,12 @@ def plan_study(quick: bool = False) -> StudyPlan:
                    Stream("steps-x2", "training length", 2 * length, lr),
                    Stream("lr-x0.5", "learning rate", length, lr / 2),
                    Stream("lr-x2", "learning rate", length, lr * 2)]
-    regimes = regimes_available()
-    if "pretrained" in regimes:
+    skipped = []
+    if "pretrained" in regimes and "pretrained" in regimes_available():
         changed.append(Stream("pretrained", "regime", length, lr, regime="pretrained"))
-    return StudyPlan([reference, *changed], regimes_skipped=[] if "pretrained" in regimes else ["pretrained"])
+    else:
+        skipped.append("pretrained")
+    return StudyPlan([reference, *changed], regimes_skipped=skipped)
 
 
 def world_for(regime: str, quick: bool, cache, log, pool):
@@ -107,13 +116,15 @@ def run_unit(spec: dict, out: Path) -> dict:
 
 
 def run_sfa_study(out: str | Path, quick: bool = False, workers: int | None = None, cache: str | Path | None = None,
-                  force: bool = False, quiet: bool = False) -> dict:
+                  force: bool = False, quiet: bool = False,
+                  regimes: tuple[str, ...] = ("plain", "pretrained")) -> dict:
     """Run every stream at every seed; write ``results.json``, ``conditions.md``, ``verdicts.json``
     (``[{"claim", "verdict", "line"}]``, the format ``mergelab demo --study`` reads) and
     ``report.md`` into ``out`` (published whole, or not at all). Returns the results.
 
     ``quick``: the demo's quick world and 20-step streams, a few conditions (a smoke test,
-    not a result).
+    not a result). ``regimes``: leave out "pretrained" to skip building that world (its
+    verdict then reads "not tested").
 
     Example:
         >>> run_sfa_study("study-sfa", workers=2)  # doctest: +SKIP
@@ -127,7 +138,7 @@ def run_sfa_study(out: str | Path, quick: bool = False, workers: int | None = No
     workers = check_workers(workers)
     check_output_dir(out, force)
     log: Callable[[str], None] = (lambda *_: None) if quiet else print
-    plan = plan_study(quick)
+    plan = plan_study(quick, tuple(regimes))
     started = time.perf_counter()
     with atomic_directory(out, force) as tmp, worker_pool(workers) as pool:
         templates = {}
@@ -137,8 +148,8 @@ def run_sfa_study(out: str | Path, quick: bool = False, workers: int | None = No
             templates[regime].pop("methods")
         units = [(stream, seed) for stream in plan.streams for seed in plan.seeds]
         log(f"SFA study: {len(plan.streams)} streams × {len(plan.seeds)} seeds on {workers} worker(s)")
-        results = pool.imap(run_unit, [(stream_spec(templates[s.regime], s, seed), tmp / "runs" / f"{s.name}-seed{seed}")
-                                       for s, seed in units])
+        results = pool.imap(run_unit, [(stream_spec(templates[s.regime], s, seed),
+                                        tmp / "runs" / f"{s.name}-seed{seed}") for s, seed in units])
         per_stream: dict[str, list[dict]] = {}
         for (stream, seed), result in zip(units, results):
             per_stream.setdefault(stream.name, []).append(result)
@@ -217,13 +228,14 @@ def study_verdicts(study: dict) -> list[dict]:
         verdict = REPRODUCED if found else (
             INCONCLUSIVE if any(r["paper_behaviour"] == INCONCLUSIVE for r in mine) else NOT_REPRODUCED)
         which = "; ".join(f"{describe(r)}: {r['paper_behaviour']}" for r in mine)
-        verdicts.append({"claim": f"sfa-{axis.replace(' / ', '-').replace(' ', '-')}", "verdict": verdict,
+        slug = axis.replace(" / ", "-").replace(" ", "-").replace("β", "beta")
+        verdicts.append({"claim": f"sfa-{slug}", "verdict": verdict,
                          "line": f"- SFA study, varying {axis}: some condition gives the paper's behaviour "
                                  f"({len(found)}/{len(mine)}: {which}): **{verdict}**."})
     for regime in study["regimes_skipped"]:
         verdicts.append({"claim": f"sfa-regime-{regime}", "verdict": NOT_TESTED,
-                         "line": f"- SFA study, {regime} regime (this version of the demo world has no {regime} "
-                                 f"base): **{NOT_TESTED}**."})
+                         "line": f"- SFA study, {regime} regime (not run here: left out with --regimes, or this "
+                                 f"version of the demo world has no {regime} base): **{NOT_TESTED}**."})
     return verdicts
 
 
@@ -234,7 +246,8 @@ def study_report(study: dict, verdicts: list[dict]) -> str:
     return "\n".join([
         "# SFA on the demo LM: when does it learn the new task?", "",
         f"Stream: learn add, then sub, from the demo world's base; {len(study['seeds'])} training seeds per "
-        f"condition; {study['seconds']:.0f} s on {study['workers']} worker(s){' (quick: not a result)' * study['quick']}.",
+        f"condition; {study['seconds']:.0f} s on {study['workers']} worker(s)"
+        f"{' (quick: not a result)' if study['quick'] else ''}.",
         f"Streams: {streams}.", "",
         f"The paper's behaviour: SFA forgets less than sequential fine-tuning (old task 'add' higher at the end) and "
         f"learns the new task 'sub' within {NEW_TASK_TOLERANCE} of sequential. Scores: test accuracy, mean ± spread "
