@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from mergelab.methods import METHODS
+from mergelab.methods import METHODS, compiled_topk
 from mergelab.methods.sparsify import top_k_mask
 
 sce_module = importlib.import_module("mergelab.methods.sce")  # the package re-exports the function as `sce`
@@ -71,11 +71,11 @@ def random_case(seed: int, kind: str):
 
 @pytest.fixture
 def compiled(monkeypatch):
-    if sce_module._kernels() is None:
+    if compiled_topk.kernels() is None:
         pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
     if torch.backends.cpu.get_cpu_capability() not in sce_module.FUSED_MULTIPLY_ADD:
         pytest.skip("torch does not fuse its multiply-adds on this CPU: the torch kernel runs")
-    monkeypatch.setattr(sce_module, "MIN_NUMEL", 0)
+    monkeypatch.setattr(compiled_topk, "MIN_NUMEL", 0)
 
 
 def run_sce(experts, base, **params):
@@ -96,7 +96,7 @@ def test_compiled_sce_equals_the_torch_kernel_bit_for_bit(seed, kind, keep_ties,
 
 def test_the_torch_kernel_is_the_reference_too(monkeypatch):
     # Where the loops do not apply (no numba, small or non-float32 tensors), the torch kernel runs.
-    monkeypatch.setattr(sce_module, "MIN_NUMEL", 1 << 62)
+    monkeypatch.setattr(compiled_topk, "MIN_NUMEL", 1 << 62)
     for seed, kind in [(0, "distinct"), (3, "tied"), (6, "bf16")]:
         experts, base = random_case(seed, kind)
         assert not sce_module._compiled_applies(experts, base)

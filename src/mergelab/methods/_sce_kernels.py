@@ -1,4 +1,5 @@
-"""The compiled loops of SCE (``mergelab.methods.sce``), imported only when SCE runs on a large
+"""The compiled loops of SCE (``mergelab.methods.sce``) and of the exact top-k masks behind it and
+Model Breadcrumbs (``mergelab.methods.compiled_topk``), imported only when they run on a large
 float32 tensor, so that ``import mergelab`` never pays for numba. Module-level functions, so
 that numba's on-disk cache (``cache=True``) finds them again in the next process.
 
@@ -64,20 +65,57 @@ def delta_variance(experts, base, share, variance):
 
 
 @numba.njit(cache=True, nogil=True)
-def bucket_values(variance, bucket, count):
-    """The ``count`` variances whose top 16 bits are ``bucket``, and how many NaNs lie outside it."""
-    values = np.empty(count, dtype=np.float32)
-    bits = variance.view(np.uint32)
+def magnitude_histogram(values):
+    """The histogram of the top 16 bits of |values| (non-negative floats order like their bits)."""
+    counts = np.zeros(1 << 15, dtype=np.int64)
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        counts[(bits[i] >> 16) & 0x7FFF] += 1
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def bucket_values(values, bucket, count):
+    """The ``count`` entries of |values| whose top 16 bits are ``bucket``, and how many NaNs lie
+    outside that bucket."""
+    found_values = np.empty(count, dtype=np.float32)
+    bits = values.view(np.uint32)
     found = 0
     nans = 0
-    for i in range(variance.size):
+    for i in range(values.size):
         if ((bits[i] >> 16) & 0x7FFF) == bucket:
             if found < count:  # (count is exact: never full early)
-                values[found] = variance[i]
+                found_values[found] = abs(values[i])
                 found += 1
-        elif variance[i] != variance[i]:
+        elif values[i] != values[i]:
             nans += 1
-    return values, nans
+    return found_values, nans
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def in_top(value, threshold, keep_ties, room, tied):
+    """Whether |value| is in a top-k set given as (threshold, keep_ties, room) (see ``select``),
+    and the count of ties at the threshold seen so far, updated."""
+    if keep_ties:
+        return value >= threshold, tied
+    if value > threshold:
+        return True, tied
+    if value == threshold:
+        return tied < room, tied + 1
+    return False, tied
+
+
+@numba.njit(cache=True, nogil=True)
+def band_trim(delta, kept, dropped):
+    """Model Breadcrumbs' mask, in place: τ · 1.0 where |τ| is in the top set ``kept`` and not in
+    the top set ``dropped`` (each a (threshold, keep_ties, room) triple), τ · 0.0 elsewhere."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    kept_ties = dropped_ties = 0
+    for i in range(delta.size):
+        magnitude = abs(delta[i])
+        keep, kept_ties = in_top(magnitude, kept[0], kept[1], kept[2], kept_ties)
+        drop, dropped_ties = in_top(magnitude, dropped[0], dropped[1], dropped[2], dropped_ties)
+        delta[i] = delta[i] * (one if keep and not drop else zero)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -19,11 +19,10 @@ stay torch's own norm. Bit for bit the torch kernel's result (``tests/test_sce_k
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
+from mergelab.methods import compiled_topk
 from mergelab.methods.sparsify import top_k_mask
 
 UNIFORM_BELOW = 1e-6  # mean squares summing to less than this give every task vector the same weight
@@ -95,44 +94,32 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
     return variance.reshape(deltas[0].shape).float()
 
 
-MIN_NUMEL = 1 << 16  # below this, compiling (once per process) is not worth it
 FUSED_MULTIPLY_ADD = ("AVX2", "AVX512")  # torch's capabilities whose add_(x, alpha=w) rounds once, as the loops do
-
-
-@functools.cache
-def _kernels():
-    """The compiled loops (``mergelab.methods._sce_kernels``), or None without numba."""
-    try:
-        from mergelab.methods import _sce_kernels
-    except ImportError:
-        return None
-    return _sce_kernels
 
 
 def _compiled_applies(tensors: list[torch.Tensor], base: torch.Tensor) -> bool:
     """Whether the compiled loops give the torch kernel's bits: float32 CPU contiguous tensors of
     one shape, large enough, on a CPU where torch fuses its multiply-adds, with numba there."""
-    if (not tensors or base.numel() < MIN_NUMEL or base.dtype != torch.float32 or base.device.type != "cpu"
-            or not base.is_contiguous()):
+    if not tensors or not compiled_topk.applies(base):
         return False
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape == base.shape
                for t in tensors):
         return False
-    return torch.backends.cpu.get_cpu_capability() in FUSED_MULTIPLY_ADD and _kernels() is not None
+    return torch.backends.cpu.get_cpu_capability() in FUSED_MULTIPLY_ADD
 
 
 def _sce_compiled(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: float,
                   keep_ties: bool) -> torch.Tensor:
     """``sce`` in compiled passes over the experts' own buffers; holds one extra tensor (the variance)."""
-    kernels = _kernels()
+    kernels = compiled_topk.kernels()
     n = len(tensors)
     base_flat = base.reshape(-1).numpy()
     deltas = tuple(t.reshape(-1).numpy() for t in tensors)  # views: the loops write τ_i into the experts
     if select_topk < 1.0:
         variance = np.empty_like(base_flat)
         counts, nonzero = kernels.delta_variance(deltas, base_flat, np.float32(1.0 / n), variance)
-        threshold, keep_tied, room = _selection(kernels, variance, counts, int(nonzero * select_topk), keep_ties)
-        kernels.select(deltas, variance, np.float32(threshold), keep_tied, room)
+        selected = compiled_topk.selection(variance, counts, int(nonzero * select_topk), keep_ties)
+        kernels.select(deltas, variance, *selected)
         del variance
     else:
         for tensor in tensors:
@@ -144,26 +131,3 @@ def _sce_compiled(tensors: list[torch.Tensor], base: torch.Tensor, select_topk: 
     result = tensors[0]
     tensors.clear()
     return result
-
-
-def _selection(kernels, variance: np.ndarray, counts: np.ndarray, k: int, keep_ties: bool) -> tuple[float, bool, int]:
-    """(threshold, keep_ties, room) for ``select`` so that it keeps what
-    ``sparsify.top_k_mask(variance, k, keep_ties)`` keeps, from the histogram of the top 16 bits:
-    the bucket that holds the k-th largest variance, then its exact value among that bucket's."""
-    if k >= variance.size:
-        return 0.0, False, 0  # every non-zero
-    if k <= 0:
-        return float("inf"), False, 0  # nothing
-    from_top = np.cumsum(counts[::-1])
-    rank = int(np.searchsorted(from_top, k))
-    bucket = (1 << 15) - 1 - rank
-    above = int(from_top[rank - 1]) if rank > 0 else 0
-    values, nans = kernels.bucket_values(variance, bucket, int(counts[bucket]))
-    needed = k - above  # how many of the bucket's entries are in the top k
-    threshold = float(np.partition(values, values.size - needed)[values.size - needed])
-    if threshold == 0:
-        return 0.0, False, 0
-    if keep_ties:
-        return threshold, True, 0
-    greater = above - nans + int(np.count_nonzero(values > threshold))  # NaN is never > the threshold
-    return threshold, False, k - greater

@@ -221,7 +221,10 @@ def sparsify_(delta: torch.Tensor, how: Sparsify, density: float, *, rescale: Re
     if how is Sparsify.MAGNITUDE:
         magnitude_trim_(delta, density, keep_ties)
     elif how is Sparsify.OUTLIERS:
-        delta.mul_(outlier_mask(delta, density, gamma, keep_ties))
+        from mergelab.methods import compiled_topk  # the same mask in three compiled passes, where numba is
+
+        if not compiled_topk.outlier_trim_(delta, density, gamma, keep_ties):
+            delta.mul_(outlier_mask(delta, density, gamma, keep_ties))
     elif how is Sparsify.RANDOM:
         delta.mul_(dare_mask(delta.shape, density, seed, model_index, key).to(delta.device))
         if rescale is Rescale.KEEP_PROBABILITY:
