@@ -13,13 +13,16 @@ set_passive_wait_policy()
 
 # Subpackages load on first attribute access (``mergelab.cocktail.fewshot_weights``), so that
 # ``import mergelab`` and ``mergelab --help`` stay free of torch and transformers.
-_SUBMODULES = ("adapters", "cocktail", "config", "continual", "engine", "evaluate", "experiments", "fisher", "io",
-               "loading", "methods", "threads")
+_SUBMODULES = ("adamerging", "adapters", "cocktail", "config", "continual", "data_aware", "engine", "evaluate",
+               "experiments", "fisher", "grams", "io", "loading", "methods", "threads")
+_FUNCTIONS = {"regmean_stats": "mergelab.grams"}  # mergelab.regmean_stats(model, data, out)
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"mergelab.{name}")
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(_FUNCTIONS[name]), name)
     raise AttributeError(f"module 'mergelab' has no attribute '{name}'")
 
 

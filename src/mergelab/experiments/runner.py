@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from mergelab.data_aware import DATA_AWARE, GridExpert
 from mergelab.errors import MergelabError
 from mergelab.evaluate import evaluate_models, load_tasks, normalized_performance, write_rows
 from mergelab.experiments.spec import GridSpec, load_spec, validate_spec
@@ -83,7 +84,15 @@ def run_cell(spec_data: dict, cell_data: dict, models_dir: str, keep_models: boo
     own = {e.task for e in spec.experts if e.name in cell.experts}
     chosen = [t for t in tasks if t.split != "held_in" or t.name in own]
     target = Path(models_dir) / f"{cell.method}-n{cell.n_experts}-s{cell.seed}"
-    merge(merge_config(spec, cell.method, cell.experts), target, force=True, quiet=True, seed=cell.seed)
+    method = next(m for m in spec.methods if m.name == cell.method)
+    aware = DATA_AWARE.get(method.merge_method)
+    if aware is None:
+        merge(merge_config(spec, cell.method, cell.experts), target, force=True, quiet=True, seed=cell.seed)
+    else:  # learns from the picked experts' train splits; statistics cached in OUT/stats, beside models/
+        experts = {e.name: e for e in spec.experts}
+        picked = [GridExpert(name, experts[name].model, experts[name].train) for name in cell.experts]
+        aware.merge(spec.base, picked, method.parameters_for(len(picked)), target, Path(models_dir).parent / "stats",
+                    cell.seed)
     try:
         rows = evaluate_models([target], chosen, batch_size=spec.batch_size, progress=False)
     finally:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from mergelab.config import read_yaml_mapping
 from mergelab.errors import MergelabError
 from mergelab.evaluate import Task, load_tasks
+from mergelab.data_aware import DATA_AWARE
 from mergelab.loading import check_model_dir
 from mergelab.methods import get_method, get_preset
 
@@ -37,6 +38,7 @@ class ExpertSpec(BaseModel):
     name: str
     model: str
     task: str
+    train: str | None = None  # its training split (task records): what data-aware methods learn from
 
 
 class MethodSpec(BaseModel):
@@ -110,7 +112,8 @@ def _resolve_paths(spec: GridSpec, base_dir: Path) -> GridSpec:
 
     return spec.model_copy(update={
         "base": resolve(spec.base), "tasks": resolve(spec.tasks), "multitask": resolve(spec.multitask),
-        "experts": [e.model_copy(update={"model": resolve(e.model)}) for e in spec.experts],
+        "experts": [e.model_copy(update={"model": resolve(e.model), "train": resolve(e.train)})
+                    for e in spec.experts],
     })
 
 
@@ -134,7 +137,14 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
     if reserved:
         raise MergelabError(f"{where}: method names {sorted(reserved)} are reserved for reference rows; rename them")
     for method in spec.methods:
-        definition = get_method(method.merge_method)
+        definition = DATA_AWARE.get(method.merge_method) or get_method(method.merge_method)
+        if method.merge_method in DATA_AWARE:  # it learns from each picked expert's training split
+            for expert in spec.experts:
+                if expert.train is None or not Path(expert.train).is_file():
+                    what = "has no train split" if expert.train is None else f"has train {expert.train}, which is not a file"
+                    raise MergelabError(f"{where}: method '{method.name}' ({method.merge_method}) learns from the "
+                                        f"experts' data, but expert '{expert.name}' {what}; add train: PATH (its "
+                                        f"task records) to every expert")
         if any(n < definition.min_models or (definition.max_models and n > definition.max_models)
                for n in spec.n_experts):
             raise MergelabError(f"{where}: method '{method.name}' ({method.merge_method}) cannot merge "
@@ -147,8 +157,14 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
                                     f"its parameters are: {valid}")
             if not isinstance(value, (dict, list)) and not param.tensor_file and not param.ignored:
                 param.check(value, f"of method '{method.name}' in {where}")
+        if getattr(definition, "check", None) and method.merge_method in DATA_AWARE:
+            try:
+                definition.check(method.parameters_for(max(spec.n_experts, default=1)))
+            except MergelabError as exc:
+                raise MergelabError(f"{where}: method '{method.name}': {exc}") from None
         given = method.parameters_for(1)
-        missing = [p.name for p in definition.tensor_params if p.required and p.name != "weight" and p.name not in given]
+        tensor_params = [p for p in definition.params if not (p.ignored or p.tensor_file)]
+        missing = [p.name for p in tensor_params if p.required and p.name != "weight" and p.name not in given]
         if missing:  # (the grid gives every expert weight 1 unless the spec says otherwise)
             raise MergelabError(f"{where}: method '{method.name}' ({definition.name}) needs parameter "
                                 f"'{missing[0]}'; add it under that method's parameters")
