@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -232,12 +233,14 @@ def test_the_grid_fans_out_over_a_local_ray_instance(quick_study, tmp_path):
     ray = pytest.importorskip("ray")
     root, _ = quick_study
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = replace(QUICK, base_kinds=("plain",))
     try:  # other seeds than the local run's: the worlds are reused, every cell runs on Ray
-        results = run_scale_study(tmp_path / "ray", quick=True, seeds=[3, 4], workers=1, executor="ray",
+        results = run_scale_study(tmp_path / "ray", config=config, seeds=[3, 4], workers=1, executor="ray",
                                   cache=root / "cache", log=lambda *_: None)
     finally:
         ray.shutdown()
     assert {r["seed"] for r in results["grid"]} == {3, 4}
+    assert len(results["grid"]) == len(QUICK.sizes) * len(QUICK.methods) * len(QUICK.n_experts) * 2
     assert (tmp_path / "ray" / "verdicts.json").is_file()
 
 
