@@ -233,3 +233,22 @@ def test_each_cocktail_subcommand_gets_exactly_its_options():
         assert loss_flags | {"--tokenizer", "--examples", "--recipe"} <= names(command)
     assert "--alpha" in names("merge") and "--alpha" in names("weights")
     assert "--alpha" not in names("sweep") and "--alphas" in names("sweep")
+
+
+def test_candidates_of_one_architecture_share_a_model_with_the_same_losses(world, tmp_path):
+    """fewshot_losses refills one model in place for candidates with the same config and tensors;
+    a bfloat16 copy, a legacy .bin checkpoint and a model of another size in between are loaded
+    in full. Every loss equals that of the candidate loaded alone, exactly."""
+    from conftest import save_model
+
+    from mergelab.cocktail.loss import candidate_loss
+    from mergelab.lm import tiny_llama
+
+    bf16 = tmp_path / "a-bf16"
+    AutoModelForCausalLM.from_pretrained(world["a"]).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(world["a"]).save_pretrained(bf16)
+    legacy = save_model(AutoModelForCausalLM.from_pretrained(world["b"]), tmp_path / "b-bin", safe=False)
+    other = save_model(tiny_llama(seed=3, hidden=48), tmp_path / "other")
+    models = [world["base"], world["a"], str(bf16), world["c"], str(legacy), str(other), world["b"], world["base"]]
+    alone = [candidate_loss(m, FIVE, threads=1) for m in models]
+    assert fewshot_losses(models, FIVE, threads=1) == alone

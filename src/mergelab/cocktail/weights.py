@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mergelab.cocktail.loss import LossOptions, candidate_loss, check_examples
+from mergelab.cocktail.loss import Loaded, LossOptions, candidate_loss, check_examples
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
 from mergelab.adapters.loading import check_model_dir  # mergelab.loading's, plus adapter candidates
@@ -33,8 +33,9 @@ def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model
         raise MergelabError("no candidate models given")
     for path in models:
         check_model_dir(path, tokenizer, what="candidate")
+    previous = Loaded()  # candidates of one architecture share one model, refilled in place
     return [candidate_loss(path, examples, model_type, options=options, batch_size=batch_size, device=device,
-                           tokenizer=tokenizer, threads=threads)
+                           tokenizer=tokenizer, threads=threads, previous=previous)
             for path in models]
 
 
