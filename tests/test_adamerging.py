@@ -173,3 +173,24 @@ def test_learned_lambdas_lower_the_entropy_and_beat_the_initial_lambdas_on_held_
     assert learned.entropy_after < learned.entropy_before - 0.3
     assert learned.entropy[-1] < learned.entropy[0]
     assert held_in_accuracy(tmp_path / "learned") > held_in_accuracy(initial) + 0.05
+
+
+def test_the_readme_adamerging_command_runs(tiny_world, tmp_path, monkeypatch):
+    """The README's `mergelab adamerging` line on tiny local models (two steps instead of 200)."""
+    import re
+    import shlex
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Data-aware merging", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(mergelab adamerging .*?)\n```", section, flags=re.DOTALL)[1]
+    args = shlex.split(command.replace("\\\n", " "))[1:]
+    monkeypatch.chdir(tmp_path)
+    for name, source in (("base", "base"), ("expert-copy", "a"), ("expert-sort", "b")):
+        shutil.copytree(tiny_world[source], Path("models") / name)
+    for skill in ("copy", "sort"):
+        Path("data", skill).mkdir(parents=True)
+        write_records(Path("data", skill, "train.jsonl"), [{"input": f"{skill} 3 1 ="}])
+    result = CliRunner().invoke(main, args + ["--steps", "2", "--quiet", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "adamerging.json").is_file()

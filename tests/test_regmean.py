@@ -210,3 +210,29 @@ def test_regmean_stats_command(world, tmp_path):
         assert handle.metadata()["examples"] == "2"
     again = CliRunner().invoke(main, ["regmean-stats", world["a"], "--data", str(data), "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_the_readme_regmean_commands_run(tiny_world, tmp_path, monkeypatch):
+    """The README's `mergelab regmean-stats` line and its regmean YAML, on tiny local models."""
+    import re
+    import shlex
+    import shutil
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Data-aware merging", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(mergelab regmean-stats .*?)\n```", section, flags=re.DOTALL)[1]
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, flags=re.DOTALL)[1])
+    monkeypatch.chdir(tmp_path)
+    for entry, source in zip(config["models"], ("a", "b")):
+        shutil.copytree(tiny_world[source], entry["model"])
+        skill = "copy" if "copy" in entry["model"] else "sort"
+        data = Path("data") / skill / "train.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_records(data, [{"input": f"{skill} 3 1 =", "output": "1 3" if skill == "sort" else "3 1"}])
+        args = shlex.split(command.replace("expert-copy", Path(entry["model"]).name).replace("copy", skill))[1:]
+        result = CliRunner().invoke(main, args + ["--quiet", "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert Path(entry["parameters"]["gram"]).is_file()
+    assert (merge(config, "merged", quiet=True) / "model.safetensors").is_file()
