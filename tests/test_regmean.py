@@ -32,7 +32,8 @@ def test_tensors_without_grams_are_averaged():
 
 
 def test_hand_computed_two_by_two_with_alpha():
-    """G̃_1 = [[2, .5], [.5, 2]], G̃_2 = [[1, 0], [0, 3]] at alpha 0.5; W = (ΣG̃)⁻¹ Σ G̃ W_iᵀ = [33/59, 38/59]."""
+    """G̃_1 = [[2, .5], [.5, 2]], G̃_2 = [[1, 0], [0, 3]] at alpha 0.5:
+    W = (ΣG̃)⁻¹ Σ G̃ W_iᵀ = [33/59, 38/59]."""
     gram = [torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])]
     merged = regmean([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])], None, gram=gram, alpha=0.5)
     assert torch.allclose(merged, torch.tensor([[33 / 59, 38 / 59]]), atol=1e-6)

@@ -58,7 +58,8 @@ class AdaMergingResult:
     config: dict
 
 
-def check_settings(mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
+def check_settings(mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"],
+                   steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
                    init: float = DEFAULTS["init"], examples: int = DEFAULTS["examples"],
                    batch_size: int = DEFAULTS["batch_size"], max_length: int = DEFAULTS["max_length"],
                    max_params: int = DEFAULTS["max_params"]) -> None:
@@ -90,7 +91,8 @@ def group_of(name: str, mode: str) -> str:
 
 
 def adamerging(base: str | Path, experts: Sequence[tuple[str | Path, str | Path]], out: str | Path | None, *,
-               mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"], steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
+               mode: str = DEFAULTS["mode"], positions: str = DEFAULTS["positions"],
+               steps: int = DEFAULTS["steps"], lr: float = DEFAULTS["lr"],
                init: float = DEFAULTS["init"], examples: int = DEFAULTS["examples"],
                batch_size: int = DEFAULTS["batch_size"], max_length: int = DEFAULTS["max_length"],
                max_params: int = DEFAULTS["max_params"], seed: int = 0, device: str = "cpu", force: bool = False,

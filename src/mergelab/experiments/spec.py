@@ -141,7 +141,8 @@ def validate_spec(spec: GridSpec, where: str = "grid spec") -> list[Task]:
         if method.merge_method in DATA_AWARE:  # it learns from each picked expert's training split
             for expert in spec.experts:
                 if expert.train is None or not Path(expert.train).is_file():
-                    what = "has no train split" if expert.train is None else f"has train {expert.train}, which is not a file"
+                    what = ("has no train split" if expert.train is None
+                            else f"has train {expert.train}, which is not a file")
                     raise MergelabError(f"{where}: method '{method.name}' ({method.merge_method}) learns from the "
                                         f"experts' data, but expert '{expert.name}' {what}; add train: PATH (its "
                                         f"task records) to every expert")
