@@ -1,4 +1,4 @@
-"""The compiled exact top-k sets (``methods/compiled_topk.py``) against ``sparsify``'s torch
+"""The compiled exact top-k sets and DELLA ranks (``methods/compiled_topk.py``) against ``sparsify``'s torch
 masks, bit for bit: Model Breadcrumbs' band (drop the top gamma and the bottom, keep density) on
 random task vectors, vectors with many |τ| tied at both thresholds, zeros, NaN-free odd sizes."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergelab.methods import METHODS, compiled_topk
-from mergelab.methods.sparsify import outlier_mask
+from mergelab.methods.sparsify import Rescale, della_, outlier_mask
 
 
 @pytest.fixture
@@ -61,3 +61,18 @@ def test_breadcrumbs_merges_are_the_same_with_either_kernel(method, compiled, mo
     merged = METHODS[method]([e.clone() for e in experts], base.clone(), **params)
     monkeypatch.setattr(compiled_topk, "MIN_NUMEL", 1 << 62)
     assert torch.equal(merged, METHODS[method]([e.clone() for e in experts], base.clone(), **params))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
+@pytest.mark.parametrize("rescale", [Rescale.KEEP_PROBABILITY, None])
+def test_della_ranks_by_radix_equal_the_argsort_bit_for_bit(seed, tied, rescale, compiled, monkeypatch):
+    # DELLA keeps the entry of rank r by |τ| in its row (ties in storage order) with probability
+    # density − ε + 2ε·r/(n−1): the radix ranks must be the stable argsort's, entry for entry.
+    delta = task_vector(seed, tied)
+    delta.view(-1)[::7] *= 1e-30  # subnormal and tiny magnitudes: keys that differ only in low bytes
+    compiled_out = della_(delta.clone(), 0.3, 0.2, rescale, 11, seed, "layer.weight")
+    monkeypatch.setattr(compiled_topk, "MIN_NUMEL", 1 << 62)
+    torch_out = della_(delta.clone(), 0.3, 0.2, rescale, 11, seed, "layer.weight")
+    assert torch.equal(compiled_out.view(torch.int32), torch_out.view(torch.int32))
+    assert 0 < int(torch.count_nonzero(compiled_out)) < int(torch.count_nonzero(delta))

@@ -190,3 +190,47 @@ def erase(deltas, weights, floor, base, out):
         for j in range(width):
             total = block_agreeing[j] if not block_agreeing[j] < floor else floor  # clamp(min=floor), NaN kept
             block_out[j] = block_merged[j] / total + block_base[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def della_trim(rows, draws, ramp, rescale):
+    """DELLA's MagPrune, in place, row by row: the entry of rank r by |τ| (ties in storage order)
+    is kept where its draw is below ramp[r] (τ · 1.0, else τ · 0.0), then divided by ramp[r] with
+    ``rescale``. The ranks come from a stable radix sort of the bits of |τ| (8 bits a pass,
+    passes where every key shares the digit skipped): the order of a stable argsort."""
+    width = rows.shape[1]
+    keys, spare_keys = np.empty(width, dtype=np.uint32), np.empty(width, dtype=np.uint32)
+    order, spare_order = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.int64)
+    counts = np.empty((4, 256), dtype=np.int64)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for r in range(rows.shape[0]):
+        row, row_draws = rows[r], draws[r]
+        bits = row.view(np.uint32)
+        counts[:] = 0
+        for j in range(width):
+            key = bits[j] & 0x7FFFFFFF  # |τ|'s bits: non-negative floats order like them
+            keys[j] = key
+            order[j] = j
+            for digit in range(4):
+                counts[digit, (key >> (8 * digit)) & 0xFF] += 1
+        for digit in range(4):
+            if counts[digit].max() == width:  # every key has this digit: the pass changes nothing
+                continue
+            position = 0
+            for value in range(256):
+                count = counts[digit, value]
+                counts[digit, value] = position
+                position += count
+            for j in range(width):
+                value = (keys[j] >> (8 * digit)) & 0xFF
+                target = counts[digit, value]
+                counts[digit, value] = target + 1
+                spare_keys[target] = keys[j]
+                spare_order[target] = order[j]
+            keys, spare_keys = spare_keys, keys
+            order, spare_order = spare_order, order
+        for rank in range(width):
+            column = order[rank]
+            probability = ramp[rank]
+            value = row[column] * (one if row_draws[column] < probability else zero)
+            row[column] = value / probability if rescale else value

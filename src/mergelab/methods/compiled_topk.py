@@ -5,7 +5,8 @@ A top-k set of |x| is described by (threshold, keep_ties, room): |x| >= threshol
 ``keep_ties``, else |x| > threshold plus the first ``room`` entries equal to it in storage
 order. ``selection`` finds it as ``sparsify.magnitude_threshold`` does: the histogram of the
 top 16 bits of |x| gives the bucket of the k-th largest value, whose exact value comes from
-that bucket's entries alone. Used by SCE (``sce.py``) and Model Breadcrumbs (``outlier_trim_``).
+that bucket's entries alone. Used by SCE (``sce.py``) and Model Breadcrumbs (``outlier_trim_``);
+DELLA's ranks within a row come from a radix sort (``della_trim_``).
 """
 
 from __future__ import annotations
@@ -70,4 +71,14 @@ def outlier_trim_(delta: torch.Tensor, density: float, gamma: float, keep_ties: 
     keep_set = selection(flat, counts, top + kept, keep_ties)
     drop_set = selection(flat, counts, top, keep_ties) if top > 0 else (np.float32(np.inf), False, 0)
     kernels().band_trim(flat, keep_set, drop_set)
+    return True
+
+
+def della_trim_(rows: torch.Tensor, draws: torch.Tensor, ramp: torch.Tensor, rescale: bool) -> bool:
+    """``sparsify.della_``'s masking of ``rows`` (rows, n) by rank, bit for bit, in one compiled
+    pass (a radix sort per row instead of numpy's argsort); False, and ``rows`` untouched, where
+    the compiled loops do not apply."""
+    if not (applies(rows) and draws.is_contiguous() and draws.dtype == torch.float32 and draws.device.type == "cpu"):
+        return False
+    kernels().della_trim(rows.numpy(), draws.numpy(), ramp.numpy(), rescale)
     return True

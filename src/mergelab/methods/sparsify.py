@@ -171,6 +171,10 @@ def della_(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale
     n = rows.shape[1]
     step = 2 * epsilon / (n - 1) if n > 1 else 0.0
     ramp = torch.arange(n, device=delta.device, dtype=torch.float32).mul_(step).add_(density - epsilon)  # p by rank
+    from mergelab.methods import compiled_topk  # the same masking in one compiled pass, where numba is
+
+    if compiled_topk.della_trim_(rows, draws, ramp, rescale is Rescale.KEEP_PROBABILITY):
+        return delta
     block = max(1, ROW_BLOCK // max(n, 1))
     for start in range(0, rows.shape[0], block):
         part = rows[start:start + block]
