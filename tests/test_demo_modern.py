@@ -4,6 +4,7 @@ the "modern methods" table and verdicts of `mergelab demo --full`, and the flag 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,14 @@ def test_counts_and_seeds_are_parsed_and_checked():
         demo_grid_settings(None, None, "-1")
     with pytest.raises(MergelabError, match="lm_cocktail merges 2 or more experts, but --n-experts asks for 1"):
         demo_grid_settings("lm_cocktail", "1,2", None)
+
+
+def test_the_readmes_demo_grid_command_is_one_the_grid_accepts():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    command = re.search(r"^mergelab grid --demo --out \S+ (--methods .*?)\s+#", readme, flags=re.MULTILINE)
+    options = dict(zip(*[iter(command.group(1).split())] * 2))
+    settings = demo_grid_settings(options["--methods"], options["--n-experts"], options["--seeds"])
+    assert set(MODERN) <= set(settings["methods"]) and settings["n_experts"] == [2, 4, 8]
 
 
 def test_the_demo_options_need_demo(tmp_path, monkeypatch):
