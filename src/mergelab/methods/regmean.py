@@ -44,19 +44,22 @@ def regmean(tensors: list[torch.Tensor], base: torch.Tensor | None, *, gram: lis
     if tensors[0].dim() != 2 or any(g.shape != (columns, columns) for g in gram):
         raise MergelabError(f"regmean: a Gram matrix of shape {tuple(gram[0].shape)} does not fit a tensor of shape "
                             f"{tuple(tensors[0].shape)}; it must be [in, in] for a weight [out, in]")
-    # float64 for the solve: Grams of many tokens span several orders of magnitude
-    scaled = [_scale_off_diagonal(g.to(torch.float64), alpha) for g in gram]  # each (in, in)
-    total = torch.stack(scaled).sum(0)  # (in, in)
-    # an input feature that is zero on every example of every expert leaves its column free:
-    # a unit diagonal there makes that column the experts' mean instead of a singular system
+    # float64 for the solve: Grams of many tokens span several orders of magnitude. One scaled
+    # Gram at a time, so memory stays at two [in, in] float64 matrices whatever the model count.
+    total = torch.zeros(columns, columns, dtype=torch.float64, device=tensors[0].device)  # Σ G̃_i (in, in)
+    rhs = torch.zeros(columns, tensors[0].shape[0], dtype=torch.float64, device=tensors[0].device)  # Σ G̃_i W_iᵀ
+    for g, weight in zip(gram, tensors):
+        scaled = _scale_off_diagonal(g.to(torch.float64), alpha)
+        total.add_(scaled)
+        rhs.addmm_(scaled, weight.to(torch.float64).T)
+        del scaled
+    # an input feature that is zero on every example of every expert has a zero row and column
+    # in every Gram, which leaves its column of W free: give it the experts' mean column
+    # (a unit diagonal in each G̃_i) instead of a singular system
     unseen = total.diagonal() == 0
     if bool(unseen.any()):
-        for g in scaled:
-            g.diagonal()[unseen] = 1.0
-        total.diagonal()[unseen] = float(len(scaled))
-    rhs = torch.zeros(columns, tensors[0].shape[0], dtype=torch.float64, device=tensors[0].device)  # (in, out)
-    for g, weight in zip(scaled, tensors):
-        rhs.addmm_(g, weight.to(torch.float64).T)
+        total.diagonal()[unseen] = float(len(tensors))
+        rhs[unseen] = torch.stack([weight.to(torch.float64).T[unseen] for weight in tensors]).sum(0)
     solution, info = torch.linalg.solve_ex(total, rhs)
     if int(info) != 0 or not bool(torch.isfinite(solution).all()):
         raise MergelabError(f"regmean: the summed Gram matrix ({columns}x{columns}) is singular at alpha {alpha:g}; "
