@@ -87,8 +87,8 @@ def per_tensor(args) -> None:
     methods = [m for m in METHOD_NAMES if not args.only or m in args.only]
     seconds: dict[str, dict[tuple, list[float]]] = {m: collections.defaultdict(list) for m in methods}
     wall: dict[str, float] = {}
-    small = torch.randn(64, 64)
-    for method in methods:  # warm up: TIES's first call loads its compiled kernel (seconds)
+    small = torch.randn(512, 512)  # ≥ fused.MIN_NUMEL entries, so that TIES takes its compiled kernel
+    for method in methods:  # warm up: TIES's first call compiles that kernel (seconds)
         METHODS[method]([small + 1, small - 1], small, **method_params(method, 2))
     for name in names:
         base, *experts = (reader.get(name).float() for reader in readers)

@@ -80,7 +80,7 @@ OVERSAMPLE = 16  # extra random columns of the randomized SVD
 POWER_ITERATIONS = 4  # subspace iterations of the randomized SVD: 96% of the optimal energy at k = r/16 even
 #                      on a flat (Gaussian) spectrum, where 2 iterations catch 90%
 LOWRANK_MAX_SHARE = 1 / 16  # randomized SVD only for k ≤ this share of r: at k = r/4 on the benchmark's task
-#                             vectors (a flat spectrum) its rank-k part was 45% off; the Gram route, 6e-6
+#                             vectors (a flat spectrum) its rank-k part was 33% off; the Gram route, 7e-6
 
 
 # -- the methods --------------------------------------------------------------------------------
