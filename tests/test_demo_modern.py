@@ -143,6 +143,9 @@ def test_the_section_names_what_ran_and_what_did_not_and_points_at_full_without_
     lines, verdicts = modern_section(synthetic_result())
     assert "averaging, ties, tsv, iso_c" in lines[0] and "3 seeds" in lines[0]
     assert lines[-1] == "Not in this grid (not available in this build): regmean."
+    assert not any("every seed picks all" in line for line in lines)
+    lines, _ = modern_section({**synthetic_result(), "experts": 8})  # n = 8 of 8 experts: every seed merges all
+    assert any(line.startswith("At n = 8 every seed picks all 8 experts") for line in lines)
     assert len(verdicts) == 2
     lines, verdicts = modern_section(None)
     assert "`mergelab demo --full`" in lines[0] and verdicts == []

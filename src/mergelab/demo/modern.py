@@ -157,7 +157,8 @@ def modern_results(grid_dir: Path, world, methods, n_experts, seeds) -> dict:
 
     return {"methods": list(methods), "seed_four": [m for m in SEED_FOUR if m in methods],
             "modern": [m for m in methods if m not in SEED_FOUR], "missing": [m for m in MODERN if m not in methods],
-            "n_experts": list(n_experts), "seeds": list(seeds), "values": grid_seed_values(grid_dir, world),
+            "n_experts": list(n_experts), "seeds": list(seeds), "experts": len(world.experts),
+            "values": grid_seed_values(grid_dir, world),
             "multitask": json.loads((grid_dir / "summary.json").read_text()).get("multitask")}
 
 
@@ -215,6 +216,10 @@ def modern_section(result: dict | None) -> tuple[list[str], list[str]]:
              f"({', '.join(result['methods'])}; n ∈ {{{', '.join(map(str, result['n_experts']))}}}, {seeds} seeds of "
              f"expert picks). Normalized as above; mean ± spread (sample standard deviation) over seeds.", "",
              modern_table(result)]
+    every = [n for n in result["n_experts"] if n >= result.get("experts", float("inf"))]
+    if every:
+        lines += ["", f"At n = {every[0]} every seed picks all {every[0]} experts, so the seeds give the same merge "
+                      f"(up to DARE's random masks): a spread of 0 there, and the verdict rests on the gap's sign."]
     if result.get("missing"):
         lines += ["", f"Not in this grid (not available in this build): {', '.join(result['missing'])}."]
     return lines, modern_verdicts(result)
