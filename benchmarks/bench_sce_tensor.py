@@ -5,7 +5,8 @@
 
 Prints, per method, the minimum wall and CPU seconds of the repeats: TIES (compiled when numba
 is installed), SCE on its compiled loops and on the torch kernel (select_topk 0.2 and 1.0), and
-whether the two SCE kernels agree bit for bit. CPU seconds are the ones to compare on a busy machine.
+whether the two SCE kernels agree bit for bit; then Breadcrumbs and DELLA (density 0.2) as merged
+by default. CPU seconds are the ones to compare on a busy machine.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     shape = (5632, 2048)
-    base = torch.randn(shape, generator=generator) * 0.02
+    base = (torch.randn(shape, generator=generator) * 0.02).bfloat16().float()  # the checkpoints are bfloat16
     experts = [(base + torch.randn(shape, generator=generator) * 1e-3).bfloat16().float() for _ in range(4)]
     print(f"load average {os.getloadavg()[0]:.2f}; 4 experts of {shape[0]}x{shape[1]} float32, one thread")
     ties_wall, ties_cpu, _ = timed("ties", experts, base, args.repeats, weight=[1.0] * 4, density=[0.2] * 4)
@@ -52,6 +53,12 @@ def main() -> None:
         print(f"sce select_topk {select_topk}: compiled {wall:.3f} s wall, {cpu:.3f} s CPU "
               f"({cpu / ties_cpu:.2f}x TIES CPU); torch {torch_wall:.3f} s wall, {torch_cpu:.3f} s CPU; "
               f"identical: {torch.equal(compiled, reference)}")
+    sparse = {"weight": [1.0] * 4, "density": [0.2] * 4}
+    della = {"epsilon": [0.1] * 4, "seed": 0, "key": "model.layers.0.mlp.up_proj.weight"}
+    for name, params in [("breadcrumbs", {"gamma": [0.01] * 4}), ("breadcrumbs_ties", {"gamma": [0.01] * 4}),
+                         ("della", della), ("della_linear", della)]:
+        wall, cpu, _ = timed(name, experts, base, args.repeats, **sparse, **params)
+        print(f"{name} (gamma 0.01 / epsilon 0.1): {wall:.3f} s wall, {cpu:.3f} s CPU ({cpu / ties_cpu:.2f}x TIES CPU)")
 
 
 if __name__ == "__main__":
