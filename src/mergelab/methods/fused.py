@@ -1,13 +1,16 @@
-"""TIES in three passes over memory, compiled with numba (optional: ``pip install 'mergelab[fast]'``).
+"""TIES in two passes over memory (three when a guess misses), compiled with numba (optional:
+``pip install 'mergelab[fast]'``).
 
 The torch kernel (``task_arithmetic._sign_consensus`` and ``sparsify.magnitude_trim_``) is a
 dozen elementwise passes per task vector, each a separate trip through memory: on the 748M
 benchmark that is several times the read+convert+write floor. These loops do the same
-arithmetic, in the same order, in three passes:
+arithmetic, in the same order:
 
-1. per task vector: τ = θ_i − θ_b in place, and the histogram of the top 16 bits of |τ|;
-2. per task vector: the entries of the threshold's histogram bucket (a fraction of a percent),
-   whose exact k-th value is the trim threshold (as ``sparsify.magnitude_threshold``);
+1. per task vector: τ = θ_i − θ_b in place, the histogram of the top 16 bits of |τ|, and |τ|
+   of the entries in the few buckets that a sample says will hold the trim threshold;
+2. only when the threshold's bucket is not among them: a pass collecting that bucket's entries
+   (a fraction of a percent); its exact k-th value is the threshold (as
+   ``sparsify.magnitude_threshold``), read from a histogram of the low 16 bits;
 3. once, over all task vectors together, entry by entry: trim, weight, the sign sum, the
    agreeing sum and count, the disjoint mean, λ and the base.
 
