@@ -124,7 +124,7 @@ def candidate_loss(path: str | Path, examples: Sequence[dict], model_type: str =
 
     ``previous``: a ``Loaded`` holder kept across calls: the candidate's weights are then read into
     the previous candidate's model when both have the same config.json and the same tensors
-    (``reload``), instead of building a model again, and the model is kept there for the next."""
+    (``Loaded.load``), instead of building a model again, and the model is kept there for the next."""
     with use_threads(threads, work_params=model_params(path)):
         model, loaded_tokenizer = previous.load(path, model_type, device, tokenizer) if previous is not None \
             else load_candidate(path, model_type, device, tokenizer)
