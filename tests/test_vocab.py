@@ -336,3 +336,18 @@ def test_slices_of_models_with_different_vocabularies_merge_through_the_union(vo
     assert torch.equal(merged["lm_head.weight"][out_ids["<|im_end|>"]], tool["lm_head.weight"][120])
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (model.config.num_hidden_layers, model.config.vocab_size) == (3, 123)
+
+
+def test_per_model_tensor_files_with_different_vocabularies_are_refused_before_merging(vocab_world, tmp_path):
+    from safetensors.torch import save_file
+
+    entries = []
+    for name in ("chat", "tool"):
+        fisher = tmp_path / f"{name}.fisher.safetensors"
+        save_file({k: torch.ones_like(v) for k, v in weights(vocab_world[name]).items()}, str(fisher))
+        entries.append({"model": vocab_world[name], "parameters": {"fisher": str(fisher)}})
+    config = {"merge_method": "fisher", "models": entries, "tokenizer_source": "union"}
+    with pytest.raises(MergelabError, match=r"fisher reads per-model fisher files.*vocabularies that differ.*"
+                                            r"embed_tokens"):
+        mergelab.merge(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

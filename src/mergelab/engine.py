@@ -176,6 +176,10 @@ def _plan(cfg, method, options, out_dir, base_entry, expert_entries, open_source
     remapped = {n for s in sources for n in s.reader.tensors if is_vocab_tensor(n)} if remapping else set()
     skipped = set() if cfg.slices else check_tensors(sources, remapped)
     tensor_files = _open_tensor_files(method, experts, cfg, opened)
+    if remapped and tensor_files:  # a row merge would need each file's rows remapped too (not built yet)
+        raise MergelabError(f"{method.name} reads per-model {', '.join(tensor_files)} files, which cannot yet be "
+                            f"combined with vocabularies that differ (tensors {', '.join(sorted(remapped))}); merge "
+                            f"models with the same vocabulary, or use a method without tensor files")
     compute_dtype, out_dtype = _dtypes(cfg)
     reference = sources[0]
     config_updates: dict[str, Any] = {}
