@@ -268,5 +268,9 @@ def test_readme_sfa_commands_are_the_tested_ones():
     commands = [shlex.split(line.split("#")[0]) for block in
                 re.findall(r"```bash\n(.*?)```", readme_sfa_section(), flags=re.DOTALL) for line in block.splitlines()]
     assert commands == [["mergelab", "sfa", "examples/sfa_tiny.yml", "--out", "sfa-tiny"],
-                        ["mergelab", "sfa", "--digits", "--out", "sfa-digits"]]
+                        ["mergelab", "sfa", "--digits", "--out", "sfa-digits"],
+                        # the study's own tests run these (tests/test_study_sfa.py, tests/test_demo_evidence.py)
+                        ["mergelab", "study", "sfa", "--out", "study/sfa", "--workers", "2"],
+                        ["mergelab", "study", "sfa", "--out", "/tmp/sfa-quick", "--quick"],
+                        ["mergelab", "demo", "--study", "study"]]
     assert (ROOT / commands[0][2]).is_file()  # loaded by test_the_example_spec_is_valid; --digits runs above
