@@ -94,3 +94,23 @@ def test_two_builds_of_one_world_at_once_train_it_once(tmp_path, monkeypatch):
     assert len(trained) == 10  # base, 8 experts, multitask: once
     assert worlds[0].root == worlds[1].root and worlds[0].scores == worlds[1].scores
     assert any("waiting for it" in line for line in logs) and any("reusing" in line for line in logs)
+
+
+def _note(message: str) -> None:
+    import logging
+
+    logging.getLogger("mergelab").warning(message)
+
+
+def test_quiet_workers_do_not_print_the_librarys_plan_notes(capfd):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # how the demo and the studies ask for quiet library output
+    try:
+        with worker_pool(2) as quiet:
+            quiet.map(_note, [("ties differs from mergekit here: a note",)] * 2)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    assert "differs from mergekit" not in capfd.readouterr().err

@@ -178,7 +178,12 @@ def _start_worker(threads: int, progress_off: bool) -> None:
 
     torch.set_num_threads(threads)  # before any work; each unit pins it again (run_pinned)
     if progress_off:
+        import logging
+
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # the parent asked for quiet library output: a study's units would otherwise print the same
+        # plan note (e.g. "ties differs from mergekit") once per merge through logging's last resort
+        logging.getLogger("mergelab").addHandler(logging.NullHandler())
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
