@@ -11,22 +11,15 @@ DELLA's ranks within a row come from a radix sort (``della_trim_``).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
-MIN_NUMEL = 1 << 16  # below this, compiling (once per process) is not worth it
+from mergelab.methods.fused import MIN_NUMEL, compiled
 
 
-@functools.cache
 def kernels():
     """The compiled loops (``mergelab.methods._sce_kernels``), or None without numba."""
-    try:
-        from mergelab.methods import _sce_kernels
-    except ImportError:
-        return None
-    return _sce_kernels
+    return compiled("_sce_kernels")
 
 
 def applies(tensor: torch.Tensor) -> bool:

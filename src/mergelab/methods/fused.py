@@ -23,6 +23,7 @@ installed; otherwise, and for everything else, the torch kernel runs.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import numpy as np
 import torch
@@ -31,13 +32,19 @@ MIN_NUMEL = 1 << 16  # below this, compiling (once per process) is not worth it
 
 
 @functools.cache
-def _kernels():
-    """The compiled loops, or None without numba."""
+def compiled(module: str):
+    """A module of compiled loops in ``mergelab.methods`` (``_fused_kernels``, ``_sce_kernels``), or
+    None without numba."""
     try:
-        from mergelab.methods import _fused_kernels as kernels
+        return importlib.import_module(f"mergelab.methods.{module}")
     except ImportError:
         return None
-    return kernels.delta_histogram, kernels.bucket_values, kernels.combine
+
+
+def _kernels():
+    """TIES's compiled loops, or None without numba."""
+    kernels = compiled("_fused_kernels")
+    return None if kernels is None else (kernels.delta_histogram, kernels.bucket_values, kernels.combine)
 
 
 def available() -> bool:

@@ -503,16 +503,14 @@ def _world_title(results: dict, size: str, kind: str) -> str:
 def plot_scale(results: dict, out: Path) -> list[Path]:
     """One figure per split: normalized score vs number of experts, one panel per size (columns)
     and base kind (rows), one line per method (mean ± spread over seeds), multitask dashed."""
-    from mergelab.plots import integer_ticks, method_color, new_figure, save_figure
+    from mergelab.plots import integer_ticks, method_color, save_figure
 
     config = results["config"]
     sizes, kinds = config["sizes"], config["base_kinds"]
     reference = {(m["size"], m["base_kind"]): m for m in results["multitask"]}
     paths = []
     for split in SPLITS:
-        figure, _ = new_figure(1, (4.2 * len(sizes), 3.2 * len(kinds)))
-        figure.clear()
-        axes = figure.subplots(len(kinds), len(sizes), squeeze=False)
+        figure, axes = _panels(sizes, kinds)
         for row, kind in enumerate(kinds):
             for column, size in enumerate(sizes):
                 axis = axes[row][column]
@@ -540,15 +538,22 @@ def plot_scale(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _panels(sizes: list[str], kinds: list[str]):
+    """(figure, axes[row][column]): one panel per base kind (rows) and size (columns)."""
+    from mergelab.plots import new_figure
+
+    figure, _ = new_figure(1, (4.2 * len(sizes), 3.2 * len(kinds)))
+    figure.clear()
+    return figure, figure.subplots(len(kinds), len(sizes), squeeze=False)
+
+
 def plot_sweeps(results: dict, path: Path) -> Path:
     """LM-Cocktail's α sweep per size and base kind: target and others vs α, one line per target."""
-    from mergelab.plots import new_figure, save_figure
+    from mergelab.plots import save_figure
 
     config = results["config"]
     sizes, kinds = config["sizes"], config["base_kinds"]
-    figure, _ = new_figure(1, (4.2 * len(sizes), 3.2 * len(kinds)))
-    figure.clear()
-    axes = figure.subplots(len(kinds), len(sizes), squeeze=False)
+    figure, axes = _panels(sizes, kinds)
     for row, kind in enumerate(kinds):
         for column, size in enumerate(sizes):
             axis = axes[row][column]
