@@ -237,3 +237,18 @@ def test_the_readme_regmean_commands_run(tiny_world, tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         assert Path(entry["parameters"]["gram"]).is_file()
     assert (merge(config, "merged", quiet=True) / "model.safetensors").is_file()
+
+
+def test_a_missing_or_corrupt_data_file_and_a_corrupt_gram_file_are_user_errors(world, tmp_path):
+    from mergelab.grams import regmean_stats
+
+    with pytest.raises(MergelabError, match=r"missing\.jsonl does not exist"):
+        regmean_stats(world["a"], tmp_path / "missing.jsonl", tmp_path / "x.safetensors")
+    (tmp_path / "corrupt.jsonl").write_text("{not json\n")
+    with pytest.raises(MergelabError, match=r"corrupt\.jsonl, line 1.*not valid JSON"):
+        regmean_stats(world["a"], tmp_path / "corrupt.jsonl", tmp_path / "x.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    entries = [{"model": world[k], "parameters": {"gram": str(tmp_path / "bad.safetensors")}} for k in ("a", "b")]
+    with pytest.raises(MergelabError, match=r"bad\.safetensors is not a safetensors file"):
+        merge({"merge_method": "regmean", "models": entries}, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.safetensors").exists()
