@@ -102,6 +102,9 @@ def run_scale_study(out: str | Path, *, quick: bool = False, seeds: Sequence[int
         for kind in config.base_kinds:
             config.settings(size, kind)
     check_output_dir(out, force)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the study logs its own progress; workers inherit the quiet
     started = time.perf_counter()
     results: dict = {"config": {**asdict(config), "quick": quick}, "worlds": [], "grid": [], "multitask": [],
                      "cocktail": [], "cocktail_experts": [], "sweeps": [], "workers": workers, "executor": executor}
