@@ -9,6 +9,7 @@ thread count or device.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 
 import numpy as np
@@ -169,8 +170,7 @@ def della_(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale
     rows = delta.view(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)  # (rows, n), a view
     draws = draws.view(rows.shape)
     n = rows.shape[1]
-    step = 2 * epsilon / (n - 1) if n > 1 else 0.0
-    ramp = torch.arange(n, device=delta.device, dtype=torch.float32).mul_(step).add_(density - epsilon)  # p by rank
+    ramp = keep_ramp(n, density, epsilon, delta.device)
     from mergelab.methods import compiled_topk  # the same masking in one compiled pass, where numba is
 
     if compiled_topk.della_trim_(rows, draws, ramp, rescale is Rescale.KEEP_PROBABILITY):
@@ -184,6 +184,69 @@ def della_(delta: torch.Tensor, density: float, epsilon: float, rescale: Rescale
         if rescale is Rescale.KEEP_PROBABILITY:
             part.div_(keep_probability)
     return delta
+
+
+def keep_ramp(n: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DELLA's keep probability by rank within a row of ``n`` entries (float32, as DARE's draws):
+    density − ε + 2ε·r/(n−1) for r = 0 (smallest |τ|) .. n−1."""
+    step = 2 * epsilon / (n - 1) if n > 1 else 0.0
+    return torch.arange(n, device=device, dtype=torch.float32).mul_(step).add_(density - epsilon)
+
+
+def della_merge(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
+                epsilon: list[float], rescale: Rescale | None, seed: int, key: str, consensus: bool,
+                normalize: bool, lam: float) -> torch.Tensor | None:
+    """θ_b + λ · combine(w_i · della_(τ_i)) in compiled loops, bit for bit the torch kernel's:
+    per task vector, τ, DARE's draws (torch's generator stream, reproduced), the per-row ranks
+    and the keep/rescale in one pass over each row; then TIES's sign election and disjoint mean
+    (``consensus``, TIES's own compiled ``combine``) or the weighted sum, λ and the base in one
+    pass. Overwrites ``tensors`` (the result lives in the first one's buffer). None, with nothing
+    touched, where the loops do not apply (numba missing, not float32 CPU contiguous, smaller than
+    ``fused.MIN_NUMEL``, the L1 rescale, weights that cannot be normalized): then the caller runs
+    the torch kernel."""
+    from mergelab.methods import fused
+
+    if rescale is Rescale.L1 or not fused.usable(tensors, base) or not _draws_reproduced():
+        return None
+    if not consensus and normalize and abs(sum(weight)) < 1e-12:
+        return None  # the torch kernel's error message
+    della_kernels = fused.compiled("_della_kernels")
+    base_rows = (base.view(base.shape[0], -1) if base.dim() > 1 else base.view(1, -1)).numpy()  # (rows, n)
+    n = base_rows.shape[1]
+    for index, tensor in enumerate(tensors):
+        expert = tensor.view(base_rows.shape).numpy()  # a view: thinned in place
+        if density[index] >= 1.0:  # nothing thinned, no draws (as sparsify_)
+            della_kernels.difference_rows(expert, base_rows)
+            continue
+        ramp = keep_ramp(n, density[index], epsilon[index]).numpy()
+        state = della_kernels.mt_seed(mask_seed(seed, index, key))
+        della_kernels.sparsify_rows(expert, base_rows, state, ramp, bool(ramp[0] != ramp[-1]),
+                                    rescale is Rescale.KEEP_PROBABILITY, della_kernels.bucket_bits(n))
+    deltas = tuple(t.reshape(-1).numpy() for t in tensors)
+    weights = np.asarray(weight, dtype=np.float32)
+    base_flat = base.reshape(-1).numpy()
+    if consensus:  # TIES's combine with nothing left to trim: a threshold of −inf keeps every entry
+        equal = len(set(weight)) == 1 and len(weight) < 256
+        fused.compiled("_fused_kernels").combine(deltas, np.full(len(deltas), -np.inf, dtype=np.float32), weights,
+                                                 np.float32(lam), normalize, equal, base_flat, deltas[0])
+    else:
+        della_kernels.weighted_sum(deltas, weights, np.float32(sum(weight)), normalize, np.float32(lam),
+                                   base_flat, deltas[0])
+    return tensors[0]
+
+
+@functools.cache
+def _draws_reproduced() -> bool:
+    """Whether the compiled generator gives ``torch.rand``'s numbers (checked once per process on
+    a short stream; where a torch release changes its generator, the torch kernel runs)."""
+    from mergelab.methods import fused
+
+    della_kernels = fused.compiled("_della_kernels")
+    seed = mask_seed(0, 1, "check")
+    expected = torch.rand(1000, generator=torch.Generator(device="cpu").manual_seed(seed)).numpy()
+    drawn = np.empty(1000, dtype=np.float32)
+    della_kernels.draw_row(della_kernels.mt_seed(seed), drawn)
+    return bool(np.array_equal(drawn, expected))
 
 
 def _rank_order(rows: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.methods import fused
-from mergelab.methods.sparsify import Rescale, Sparsify, magnitude_trim_, sparsify_
+from mergelab.methods.sparsify import Rescale, Sparsify, della_merge, magnitude_trim_, sparsify_
 
 
 class Consensus(enum.Enum):
@@ -83,6 +83,11 @@ def generalized_task_arithmetic(
     if (sparsify is Sparsify.MAGNITUDE and consensus is Consensus.SIGN and how is None and keep_ties
             and fused.usable(tensors, base)):  # TIES in three compiled passes, bit for bit the same
         return fused.ties(tensors, base, weight, density, True, lam, normalize)
+    if sparsify is Sparsify.DELLA:  # DELLA in compiled loops where they apply, bit for bit the same
+        merged = della_merge(tensors, base, weight=weight, density=density, epsilon=epsilon, rescale=how, seed=seed,
+                             key=key, consensus=consensus is Consensus.SIGN, normalize=normalize, lam=lam)
+        if merged is not None:
+            return merged
     scratch = None  # |τ| for the TIES trim, one buffer for every expert
     for index, w in enumerate(weight):
         delta = tensors[index].sub_(base)  # τ_i, in the expert's own buffer
