@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -179,18 +180,29 @@ def build_world(settings: WorldSettings = WorldSettings(), cache: str | Path | N
         if not force and (cached := _cached(root, settings, log)):  # another process built it meanwhile
             return cached
         started = time.perf_counter()
+        kept = _kept_root(root)
+        if kept.is_dir():
+            log(f"  resuming an interrupted build: reusing the models it finished ({kept})")
         with atomic_directory(root, force=True) as tmp, worker_pool(workers) as pool:
             world = World(tmp, settings)
             _write_tasks(world)
-            _train_models(world, pool, log)
+            _train_models(world, pool, log, kept)
             log("  scoring every model on every task")
             world.scores = score_matrix(world, pool)
             world.build_seconds = time.perf_counter() - started
             (tmp / "world.json").write_text(json.dumps({"settings": asdict(settings), "scores": world.scores,
                                                         "build_seconds": world.build_seconds}, indent=2) + "\n")
     world.root = root
+    shutil.rmtree(_kept_root(root), ignore_errors=True)  # the world is published: its kept models are not needed
     log(f"  world built in {world.build_seconds:.0f} s: {root}")
     return world
+
+
+def _kept_root(root: Path) -> Path:
+    """Where a build keeps each model it finished until the world is published (beside the cache
+    entry, named by the same settings key), so an interrupted build resumes from them. A large
+    world takes an hour or more to build; an interruption should not cost all of it."""
+    return root.parent / f".{root.name}.kept"
 
 
 def _cached(root: Path, settings: WorldSettings, log: Callable[[str], None]) -> World | None:
@@ -244,7 +256,7 @@ def training_pairs(world: World, names: list[str], shares: dict[str, int] | None
     return [pair for name in names for pair in world.pairs(name, "train")] + extra
 
 
-def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) -> None:
+def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], kept: Path | None = None) -> None:
     settings = world.settings
     held_in = [t.name for t in WORLD_TASKS if t.split == "held_in"]
     general = [t.name for t in WORLD_TASKS if t.split != "held_in"]
@@ -252,14 +264,17 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) ->
     if settings.base_kind == "pretrained":  # broad, weak competence on the held-in skills before the experts
         shares = {name: round(settings.pretrain_share * settings.train_examples) for name in held_in}
     first = world.root / "models" / "base-general" if settings.base_kind == "instruction" else world.base
+    def keep(path: Path) -> Path | None:
+        return kept / path.relative_to(world.root) if kept is not None else None
+
     seconds = pool.submit(train_world_model, world, None, first, general, settings.base_steps,
-                          settings.base_lr, settings.seed, shares).result()
+                          settings.base_lr, settings.seed, shares, keep(first)).result()
     log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)})"
         + (f" and {settings.pretrain_share:.0%} of each held-in task" if shares else "") + f", {seconds:.0f} s")
     if settings.base_kind == "instruction":  # the FLAN analogue: instructions, with the general mixture kept
         mixture = [t.name for t in INSTRUCTION_TASKS] + general
         seconds = pool.submit(train_world_model, world, first, world.base, mixture, settings.instruction_steps,
-                              settings.base_lr, settings.seed + 200).result()
+                              settings.base_lr, settings.seed + 200, None, keep(world.base)).result()
         log(f"  instruction tuning of the base: {settings.instruction_steps} steps on {len(INSTRUCTION_TASKS)} "
             f"instruction tasks and the general mixture, {seconds:.0f} s")
     expert_steps, expert_lr, multitask_steps = settings.expert_schedule
@@ -267,7 +282,7 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) ->
     units = [(f"expert '{name}'", [name], expert_steps, settings.seed + 1 + index, path)
              for index, (name, path) in enumerate(world.experts.items())]
     units.append(("multitask", held_in, multitask_steps, settings.seed + 100, world.multitask))
-    runs = pool.imap(train_world_model, [(world, world.base, path, names, steps, expert_lr, seed)
+    runs = pool.imap(train_world_model, [(world, world.base, path, names, steps, expert_lr, seed, None, keep(path))
                                          for _, names, steps, seed, path in units])
     for (label, names, steps, _, _), seconds in zip(units, runs):
         what = "all held-in tasks" if label == "multitask" else f"'{names[0]}'"
@@ -275,12 +290,20 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None]) ->
 
 
 def train_world_model(world: World, start: Path | None, out: Path, tasks: list[str], steps: int, lr: float,
-                      seed: int, shares: dict[str, int] | None = None) -> float:
+                      seed: int, shares: dict[str, int] | None = None, keep: Path | None = None) -> float:
     """Train one model of the world on ``tasks`` (and the first ``shares[task]`` examples of other
     tasks) from scratch, or from the model saved in ``start``, and save it in ``out``; returns the
-    seconds it took. A unit of ``build_world``."""
+    seconds it took. A unit of ``build_world``.
+
+    ``keep``: a finished model is also copied there (whole, or not at all), and a model already
+    kept there is copied to ``out`` instead of being trained again (the same bits: training is
+    seeded, and every later model starts from the saved one)."""
     from transformers import AutoModelForCausalLM
 
+    done = keep / KEPT_MARKER if keep is not None else None
+    if done is not None and done.is_file():
+        shutil.copytree(keep, out, ignore=shutil.ignore_patterns(KEPT_MARKER))
+        return float(json.loads(done.read_text())["seconds"])
     tick = time.perf_counter()
     settings = world.settings
     tokenizer = build_tokenizer(VOCABULARY)
@@ -292,7 +315,18 @@ def train_world_model(world: World, start: Path | None, out: Path, tasks: list[s
     train(model, tokenizer, training_pairs(world, tasks, shares), steps, lr=lr, batch_size=settings.batch_size,
           seed=seed)
     save(model, tokenizer, out)
-    return time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    if keep is not None:
+        staging = keep.with_name(keep.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(out, staging)
+        (staging / KEPT_MARKER).write_text(json.dumps({"seconds": seconds}) + "\n")
+        shutil.rmtree(keep, ignore_errors=True)
+        staging.rename(keep)
+    return seconds
+
+
+KEPT_MARKER = "kept.json"  # a kept model is complete when this file is in its directory
 
 
 def world_models(world: World) -> dict[str, Path]:
