@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,50 @@ def test_candidates_of_one_architecture_share_a_model_with_the_same_losses(world
     models = [world["base"], world["a"], str(bf16), world["c"], str(legacy), str(other), world["b"], world["base"]]
     alone = [candidate_loss(m, FIVE, threads=1) for m in models]
     assert fewshot_losses(models, FIVE, threads=1) == alone
+
+
+def test_the_loss_projects_only_the_scored_positions_and_equals_the_full_logits_loss(world):
+    """The vocabulary projection runs on the positions some example's output (or EOS) is
+    predicted from, not on the whole padded batch, and each example's loss is still the plain
+    transformers loss over full logits."""
+    from mergelab.cocktail.loss import load_candidate
+    from mergelab.evaluate.decoder import example_losses, split_encode
+
+    model, tokenizer = load_candidate(world["a"], "decoder")
+    projected = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: projected.append(args[0].shape))
+    try:
+        losses = example_losses(model, tokenizer, FIVE, batch_size=len(FIVE))
+    finally:
+        hook.remove()
+    [shape] = projected  # one batch: (examples, positions, hidden)
+    pairs = [split_encode(tokenizer, e["input"], e["output"]) for e in FIVE]
+    # output + EOS at positions len(context) .., each predicted from the position before it
+    predicting = set().union(*(range(len(context) - 1, len(context) + len(output)) for context, output in pairs))
+    width = max(len(context) + len(output) + 1 for context, output in pairs)
+    assert shape[1] == len(predicting) < width - 1
+    assert [loss for loss, _ in losses] == pytest.approx([independent_loss(world["a"], [e]) for e in FIVE], abs=1e-5)
+
+
+def test_a_small_candidate_model_is_kept_for_the_next_call(world, monkeypatch):
+    """A second fewshot_losses call builds no model (the kept one is refilled from each
+    candidate's files) and gives the same losses; the candidates' files are left as they were
+    (the model maps them copy-on-write); above KEEP_BETWEEN_CALLS_BYTES nothing is kept."""
+    import hashlib
+
+    import mergelab.cocktail.loss as loss_module
+
+    models = [world["base"], world["a"], world["b"]]
+    digests = {m: hashlib.sha256((Path(m) / "model.safetensors").read_bytes()).hexdigest() for m in models}
+    first = fewshot_losses(models, FIVE, threads=1)
+    builds = []
+    real_load = loss_module.load_candidate
+    monkeypatch.setattr(loss_module, "load_candidate", lambda *a, **k: builds.append(a[0]) or real_load(*a, **k))
+    assert fewshot_losses(models, FIVE, threads=1) == first
+    assert builds == []
+    assert {m: hashlib.sha256((Path(m) / "model.safetensors").read_bytes()).hexdigest() for m in models} == digests
+
+    monkeypatch.setattr(loss_module, "KEEP_BETWEEN_CALLS_BYTES", 0)
+    fewshot_losses(models, FIVE, threads=1)  # takes the kept model, keeps none
+    assert fewshot_losses(models, FIVE, threads=1) == first
+    assert builds == [Path(world["base"])]

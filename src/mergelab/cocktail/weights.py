@@ -33,10 +33,12 @@ def fewshot_losses(models: Sequence[str | Path], examples: Sequence[dict], model
         raise MergelabError("no candidate models given")
     for path in models:
         check_model_dir(path, tokenizer, what="candidate")
-    previous = Loaded()  # candidates of one architecture share one model, refilled in place
-    return [candidate_loss(path, examples, model_type, options=options, batch_size=batch_size, device=device,
-                           tokenizer=tokenizer, threads=threads, previous=previous)
-            for path in models]
+    previous = Loaded.take()  # candidates of one architecture share one model, refilled in place
+    losses = [candidate_loss(path, examples, model_type, options=options, batch_size=batch_size, device=device,
+                             tokenizer=tokenizer, threads=threads, previous=previous)
+              for path in models]
+    previous.put_back()  # a small model is kept for the next call
+    return losses
 
 
 def fewshot_weights(models: Sequence[str | Path], examples: Sequence[dict], model_type: str = "decoder",

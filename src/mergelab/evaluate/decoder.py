@@ -87,6 +87,13 @@ def continuation_logprobs(model, groups: Sequence[Sequence[Pair]], *, pad_id: in
     return results
 
 
+def _scoring_forward(model) -> tuple[dict, bool]:
+    """(keyword arguments, takes logits_to_keep) of a scoring forward pass of ``model``: no
+    key/value cache where the forward would otherwise fill one for nothing."""
+    parameters = inspect.signature(model.forward).parameters
+    return ({"use_cache": False} if "use_cache" in parameters else {}), "logits_to_keep" in parameters
+
+
 def _score_pairs(model, pairs: list[Pair], pad_id: int, max_length: int, device) -> list[tuple[float, int]]:
     rows, starts = [], []
     for context, continuation in pairs:
@@ -97,10 +104,21 @@ def _score_pairs(model, pairs: list[Pair], pad_id: int, max_length: int, device)
     scored = torch.zeros((len(rows), input_ids.shape[1] - 1), dtype=torch.bool)  # over the shifted targets
     for r, (ids, start) in enumerate(zip(rows, starts)):
         scored[r, start - 1 : len(ids) - 1] = True
-    input_ids, attention, scored = input_ids.to(device), attention.to(device), scored.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, L, V)
-    picked = logits[:, :-1][scored].float().log_softmax(-1)  # (K, V): only the scored positions
-    token_logprobs = picked.gather(1, input_ids[:, 1:][scored].unsqueeze(1)).squeeze(1)  # (K,)
+    targets = input_ids[:, 1:][scored]  # (K,)
+    input_ids, attention, scored, targets = (t.to(device) for t in (input_ids, attention, scored, targets))
+    options, keeps_logits = _scoring_forward(model)
+    if keeps_logits:
+        # The vocabulary projection only at the positions some row scores (their union over the
+        # batch): for few-shot losses the answer is a fraction of the sequence, and the
+        # projection a fifth of a small model's work.
+        keep = scored.any(0).nonzero().squeeze(1)  # (U,) positions, ascending
+        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, **options).logits
+        picked = logits[scored[:, keep]]  # (K, V), rows in the order of scored's True entries
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, **options).logits  # (B, L, V)
+        picked = logits[:, :-1][scored]  # (K, V): only the scored positions
+    picked = picked.float().log_softmax(-1)
+    token_logprobs = picked.gather(1, targets.unsqueeze(1)).squeeze(1)  # (K,)
     row_of = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(scored)[scored]
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, token_logprobs.double())
     counts = scored.sum(1)
