@@ -3,9 +3,9 @@
 
     python benchmarks/profile_della.py [--repeats 3]
 
-Prints the thread CPU seconds of each phase of the torch path (τ, the random draws, the per-row
-ranking and keep/rescale, the weights, the sign consensus or the sum, λ and the base), then the
-whole merge as dispatched (compiled when numba is installed) for della, della_linear and TIES.
+Prints the thread CPU seconds of each phase of the torch kernel (τ, the random draws, the per-row
+ranking, the sign consensus or the sum), then the whole merge as dispatched (compiled when numba
+is installed: ``sparsify.della_merge``) for TIES, della and della_linear, and DELLA's torch kernel.
 CPU seconds are the ones to compare on a busy machine.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mergelab.methods import METHODS
+from mergelab.methods import METHODS, fused
 from mergelab.methods.sparsify import _rank_order, dare_uniform
 from mergelab.methods.task_arithmetic import _plain_sum, _sign_consensus
 
@@ -75,7 +75,11 @@ def main() -> None:
     print(f"whole merge: ties {ties:.3f}")
     for name in ("della", "della_linear"):
         seconds = merged(name, experts, base, args.repeats, **common, **della)
-        print(f"whole merge: {name} {seconds:.3f} ({seconds / ties:.2f}x TIES)")
+        minimum = fused.MIN_NUMEL
+        fused.MIN_NUMEL = 1 << 62  # the torch kernel (compiled_topk's radix ranks where numba is)
+        torch_seconds = merged(name, experts, base, 1, **common, **della)
+        fused.MIN_NUMEL = minimum
+        print(f"whole merge: {name} {seconds:.3f} ({seconds / ties:.2f}x TIES); torch kernel {torch_seconds:.3f}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ CASES = [  # (kind, shape, experts)
     ("crowded", (30, 300), 3),
     ("normal", (4099,), 2),
     ("bfloat16", (7, 13, 64), 4),
+    ("normal", (3000, 3), 2),  # narrow rows: a few buckets an octave
+    ("tied", (400, 20), 3),
 ]
 
 

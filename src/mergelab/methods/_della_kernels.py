@@ -1,6 +1,11 @@
-"""The compiled loops of DELLA (``mergelab.methods.della_fused``... see ``sparsify.della_merge``),
-imported only when DELLA runs on a large float32 CPU tensor, so that ``import mergelab`` never
-pays for numba. Module-level functions, so that numba's on-disk cache finds them again.
+"""The compiled loops of DELLA (driven by ``sparsify.della_merge``), imported only when DELLA runs
+on a large float32 CPU tensor, so that ``import mergelab`` never pays for numba. Module-level
+functions, so that numba's on-disk cache finds them again in the next process.
+
+Per task vector, one pass over each row: τ = θ_i − θ_b, the row's draws, its ranks by |τ| and the
+keep/rescale. The ranks (a stable argsort of |τ|'s bits) come from one counting pass over the
+top bits of each key, at about one bucket per entry, and an insertion pass that orders each
+bucket's few entries: with bfloat16 checkpoints most buckets hold one value.
 
 The random draws are torch's own: ``torch.rand`` on a CPU generator is the 32-bit Mersenne
 Twister (MT19937) seeded by ``manual_seed``, one output per entry in storage order, its low 24
@@ -79,9 +84,9 @@ def _rank_row(keys, top, packed, buckets, counts, shift):
     """Sort (key << 32 | column) by key, ties by column (a stable argsort of ``keys``; ``top``
     is their maximum) into ``packed``. One counting pass over the top bits of each key (the
     ``counts.size`` = 2^(27 − shift) buckets below ``top``'s: 16 octaves of a float's range at
-    2^(23 − shift) buckets an octave; smaller keys share the lowest bucket), then an insertion pass that orders each bucket's few entries by their
-    whole key; a row that needs many moves there is sorted outright (the same result: the
-    packed values are distinct)."""
+    2^(23 − shift) buckets an octave; smaller keys share the lowest bucket), then an insertion
+    pass that orders each bucket's entries by their whole key; a row that needs many moves
+    there is sorted outright (the same result: the packed values are distinct)."""
     width, size = keys.size, counts.size
     highest = top >> shift
     low = highest - np.uint32(size - 1) if highest > np.uint32(size - 1) else np.uint32(0)
@@ -121,8 +126,15 @@ def _rank_row(keys, top, packed, buckets, counts, shift):
 
 def bucket_bits(width):
     """log2 of ``_rank_row``'s bucket count for rows of ``width`` entries: about one bucket per
-    entry, 2^10 to 2^13."""
-    return min(13, max(10, (max(width, 1) - 1).bit_length()))
+    entry, 2^4 to 2^13."""
+    return min(13, max(4, (max(width, 1) - 1).bit_length()))
+
+
+@numba.njit(**JIT, inline="always")
+def _keep(value, draw, probability, rescale):
+    one, zero = np.float32(1.0), np.float32(0.0)
+    kept = value * (one if draw < probability else zero)
+    return kept / probability if rescale else kept
 
 
 @numba.njit(**JIT)
@@ -140,7 +152,6 @@ def sparsify_rows(expert, base, state, ramp, ranked, rescale, bits_of_buckets):
     packed = np.empty(width, dtype=np.uint64)
     counts = np.empty(1 << bits_of_buckets, dtype=np.uint32)
     shift = np.uint32(27 - bits_of_buckets)
-    one, zero = np.float32(1.0), np.float32(0.0)
     for r in range(rows):
         row, base_row = expert[r], base[r]
         bits = row.view(np.uint32)
@@ -152,17 +163,13 @@ def sparsify_rows(expert, base, state, ramp, ranked, rescale, bits_of_buckets):
             top = max(top, key)
         draw_row(state, draws)
         if not ranked:
-            probability = ramp[0]
             for j in range(width):
-                value = row[j] * (one if draws[j] < probability else zero)
-                row[j] = value / probability if rescale else value
+                row[j] = _keep(row[j], draws[j], ramp[0], rescale)
             continue
         _rank_row(keys, top, packed, buckets, counts, shift)
         for rank in range(width):
             column = packed[rank] & np.uint64(0xFFFFFFFF)
-            probability = ramp[rank]
-            value = row[column] * (one if draws[column] < probability else zero)
-            row[column] = value / probability if rescale else value
+            row[column] = _keep(row[column], draws[column], ramp[rank], rescale)
 
 
 @numba.njit(**JIT)
