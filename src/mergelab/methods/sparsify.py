@@ -206,11 +206,13 @@ def della_merge(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     the torch kernel."""
     from mergelab.methods import fused
 
-    if rescale is Rescale.L1 or not fused.usable(tensors, base) or not _draws_reproduced():
+    if rescale is Rescale.L1 or not fused.usable(tensors, base):  # (usable imports numba only for large tensors)
+        return None
+    della_kernels = fused.compiled("_della_kernels")
+    if della_kernels is None or not _draws_reproduced():
         return None
     if not consensus and normalize and abs(sum(weight)) < 1e-12:
         return None  # the torch kernel's error message
-    della_kernels = fused.compiled("_della_kernels")
     base_rows = (base.view(base.shape[0], -1) if base.dim() > 1 else base.view(1, -1)).numpy()  # (rows, n)
     n = base_rows.shape[1]
     for index, tensor in enumerate(tensors):
