@@ -223,3 +223,10 @@ def test_pad_helper_pads_on_the_requested_side():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_generation_is_the_same_for_any_batch_size_and_repeated_prompts():
+    model, tokenizer = tiny_llama(seed=4).eval(), build_tokenizer()
+    prompts = ["copy 1 2 =", "reverse 3 4 5 =", "copy 1 2 =", "sort 9 8 ="]
+    alone = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == alone

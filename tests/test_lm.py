@@ -75,3 +75,17 @@ def test_fit_stops_when_the_criterion_holds_and_takes_every_step_without_one():
     taken = fit(model, lambda: None, 100, lambda m, batch: m.weight.sum(), optimizer, until=until, check_every=3)
     assert taken == 6 and asked == [(3, False), (6, False)] and not model.training
     assert fit(model, lambda: None, 7, lambda m, batch: m.weight.sum(), optimizer) == 7
+
+
+def test_batched_split_encoding_equals_one_pair_at_a_time(byte_bpe):
+    from mergelab.evaluate.decoder import split_encode_many
+
+    # "cop" + "y" with no separator is one word: the whole does not start with the context's ids,
+    # so the continuation is encoded on its own (the fallback branch), batched like the rest
+    items = [(e["input"], e["output"]) for e in EXAMPLES] + [("cop", "y"), ("copy 1 2 =", "1 2"), ("cop", "y")]
+    for separator in (" ", ""):
+        assert split_encode_many(byte_bpe, items, separator) == [split_encode(byte_bpe, c, x, separator)
+                                                                 for c, x in items]
+    context, whole = byte_bpe("cop")["input_ids"], byte_bpe("copy")["input_ids"]
+    assert whole[: len(context)] != context
+    assert split_encode_many(byte_bpe, []) == []

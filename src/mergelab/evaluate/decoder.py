@@ -39,16 +39,48 @@ def split_encode(tokenizer, context: str, continuation: str, separator: str = " 
     return context_ids, tokenizer(separator + continuation, add_special_tokens=False)["input_ids"]
 
 
+def split_encode_many(tokenizer, items: Sequence[tuple[str, str]], separator: str = " ") -> list[Pair]:
+    """``split_encode`` of every (context, continuation) in ``items``, the same ids, in a few
+    batched tokenizer calls: each distinct text is encoded once (the options of one item share
+    its context), where one call per text cost more than the small models' forward passes."""
+    texts = {text: None for context, continuation in items for text in (context, context + separator + continuation)}
+    ids = _encode_texts(tokenizer, list(texts))
+    pairs, alone = [], []
+    for context, continuation in items:
+        context_ids, whole = ids[context], ids[context + separator + continuation]
+        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+            pairs.append((context_ids, whole[len(context_ids):]))
+        else:
+            pairs.append((context_ids, None))
+            alone.append(separator + continuation)
+    if alone:  # a boundary the whole string tokenizes differently: the continuation on its own
+        alone_ids = _encode_texts(tokenizer, list(dict.fromkeys(alone)), add_special_tokens=False)
+        pairs = [(c, x if x is not None else alone_ids[separator + continuation])
+                 for (c, x), (_, continuation) in zip(pairs, items)]
+    return pairs
+
+
+def _encode_texts(tokenizer, texts: list[str], **options) -> dict[str, list[int]]:
+    """``{text: input ids}`` from one batched call (a fast tokenizer encodes the batch natively;
+    the masks it would return too cost five times the encoding)."""
+    if not texts:
+        return {}
+    encoded = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, **options)
+    return dict(zip(texts, encoded["input_ids"]))
+
+
 def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, attention mask), both (len(rows), longest row), padded on ``side`` with ``pad_id``."""
     width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for r, ids in enumerate(rows):
-        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
-        input_ids[r, span] = torch.tensor(ids, dtype=torch.long)
-        attention[r, span] = 1
-    return input_ids, attention
+    fill = [[pad_id] * (width - len(row)) for row in rows]
+    marks = [[0] * (width - len(row)) for row in rows]
+    if side == "left":
+        ids = [pad + list(row) for pad, row in zip(fill, rows)]
+        mask = [zeros + [1] * len(row) for zeros, row in zip(marks, rows)]
+    else:
+        ids = [list(row) + pad for pad, row in zip(fill, rows)]
+        mask = [[1] * len(row) + zeros for zeros, row in zip(marks, rows)]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def shares_context(model) -> bool:
@@ -136,9 +168,11 @@ def rank_choices(model, tokenizer, examples: Sequence[dict], *, batch_size: int 
     give the same scores; ``share_context`` forces one or the other (None: ``shares_context``).
     """
     pad_id = ensure_pad_token(tokenizer)
+    encoded = iter(split_encode_many(tokenizer, [(example["input"], str(option)) for example in examples
+                                                 for option in example["options"]], separator))
     groups = []
     for number, example in enumerate(examples):
-        pairs = [split_encode(tokenizer, example["input"], str(option), separator) for option in example["options"]]
+        pairs = [next(encoded) for _ in example["options"]]
         if any(not continuation for _, continuation in pairs):
             raise MergelabError(f"example {number}: an option encodes to no tokens; options must be non-empty text")
         groups.append(pairs)
@@ -240,7 +274,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     """Greedy continuations of ``prompts`` (left-padded batches), cut at the first stop string."""
     device = _device(model, device)
     pad_id = ensure_pad_token(tokenizer)
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = _encode_texts(tokenizer, list(dict.fromkeys(prompts)))  # one batched call
+    encoded = [encoded[p] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -250,8 +285,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id)
-        for r, i in enumerate(index):
-            text = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(generated[:, width:].tolist(), skip_special_tokens=True)
+        for i, text in zip(index, texts):
             for marker in stop:
                 text = text.split(marker)[0]
             outputs[i] = text.strip()
