@@ -99,6 +99,7 @@ CASES = [  # (kind, shape, experts)
     ("bfloat16", (7, 13, 64), 4),
     ("normal", (3000, 3), 2),  # narrow rows: a few buckets an octave
     ("tied", (400, 20), 3),
+    ("bfloat16", (10, 8000), 1),  # one expert
 ]
 
 
