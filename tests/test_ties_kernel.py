@@ -223,3 +223,52 @@ def test_compiled_thresholds_do_not_depend_on_the_guessed_window(window, monkeyp
     assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32))
     expected = reference_ties([e.float() for e in experts], base.float(), params["weight"], params["density"])
     assert torch.equal(results[1].view(torch.int32), expected.view(torch.int32))
+
+
+def test_the_equal_weight_mean_loop_is_the_general_loop_bit_for_bit():
+    """``combine_equal_mean`` (equal weights > 0, disjoint mean: TIES's usual case) against the
+    general ``combine`` on the same task vectors: NaN, ±inf, -0.0 and zeros among them, trim
+    thresholds from −inf to +inf, one to five experts, λ of 1 and not."""
+    if not fused.available():
+        pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+    kernels = fused.compiled("_fused_kernels")
+    generator = torch.Generator().manual_seed(3)
+    for experts in range(1, 6):
+        for weight, lam in ((1.0, 1.0), (0.5, 0.7), (2.0, -1.0)):
+            numel = 4096 * 2 + 37  # two whole blocks and a partial one
+            base = torch.randn(numel, generator=generator)
+            base[::5] = -0.0
+            deltas = [torch.randint(-3, 4, (numel,), generator=generator).float() / 8 for _ in range(experts)]
+            for delta in deltas:
+                delta[torch.randint(0, numel, (40,), generator=generator)] = float("nan")
+                delta[torch.randint(0, numel, (20,), generator=generator)] = float("inf")
+                delta[torch.randint(0, numel, (20,), generator=generator)] = -0.0
+            thresholds = np.array([(-np.inf, 0.25, np.inf, 0.125, 0.375)[e] for e in range(experts)], dtype=np.float32)
+            outputs = []
+            for special in (False, True):
+                out = np.empty(numel, dtype=np.float32)
+                inputs = tuple(d.numpy() for d in deltas)
+                if special:
+                    kernels.combine_equal_mean(inputs, thresholds, np.float32(weight), np.float32(lam), base.numpy(), out)
+                else:
+                    kernels.combine(inputs, thresholds, np.full(experts, weight, dtype=np.float32), np.float32(lam),
+                                    True, True, base.numpy(), out)
+                outputs.append(out)
+            assert np.array_equal(outputs[0].view(np.uint32), outputs[1].view(np.uint32)), (experts, weight, lam)
+
+
+def test_the_threshold_inside_its_bucket_is_the_kth_largest_of_that_bucket():
+    """``kth_in_bucket`` reads only the values of its bucket (top 16 bits) and counts ties: the
+    needed-th largest of them, as a sort finds it."""
+    if not fused.available():
+        pytest.skip("numba is not installed (pip install 'mergelab[fast]')")
+    kth_in_bucket = fused.compiled("_fused_kernels").kth_in_bucket
+    generator = torch.Generator().manual_seed(4)
+    values = (torch.rand(5000, generator=generator) * 0.01 + 0.0025).to(torch.bfloat16).float()  # many ties
+    values = torch.cat([values, values[:300] * 1.01])
+    bits = values.view(torch.int32)
+    for bucket in sorted(set((bits >> 16).tolist()))[:6]:
+        in_bucket = values[(bits >> 16) == bucket].sort(descending=True).values
+        for needed in (1, len(in_bucket) // 2, len(in_bucket)):
+            found = np.uint32(kth_in_bucket(values.numpy(), bucket, needed)).view(np.float32)
+            assert found == in_bucket[needed - 1].item()

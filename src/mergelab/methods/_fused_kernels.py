@@ -44,6 +44,34 @@ def bucket_values(delta, bucket, count):  # pass 2, only when pass 1's window mi
     return values
 
 
+@numba.njit(**JIT)
+def sample_magnitudes(expert, base, step, out):  # the threshold guess's sample
+    """|expert − base| at every ``step``-th entry, into ``out`` (one loop: numpy's strided slices,
+    difference and abs took several times longer)."""
+    for j in range(out.size):
+        out[j] = abs(expert[j * step] - base[j * step])
+
+
+@numba.njit(**JIT)
+def kth_in_bucket(values, bucket, needed):
+    """The bits of the ``needed``-th largest of those ``values`` (non-negative floats) whose top
+    16 bits are ``bucket``, by a histogram of their low 16 bits: one loop over ``values`` (the
+    candidates of a window of buckets, or one bucket's entries)."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    bits = values.view(np.uint32)
+    top = np.uint32(bucket)
+    for i in range(values.size):
+        if (bits[i] >> np.uint32(16)) == top:
+            counts[bits[i] & np.uint32(0xFFFF)] += 1
+    low, seen = (1 << 16) - 1, 0
+    while low > 0:
+        seen += counts[low]
+        if seen >= needed:
+            break
+        low -= 1
+    return np.uint32((bucket << 16) | low)
+
+
 @numba.njit(**JIT, inline="always")
 def trimmed(value, threshold, weight):
     # (x·1.0 is x exactly, so multiplying by a weight of 1 is what skipping it gives)
@@ -95,3 +123,33 @@ def combine(deltas, thresholds, weights, lam, normalize, equal_weights, base, ou
                 value = value * lam
             result[j] = value + base[i]
         out[start:start + width] = result[:width]
+
+
+@numba.njit(**JIT)
+def combine_equal_mean(deltas, thresholds, weight, lam, base, out):  # pass 3, TIES's usual case
+    """``combine`` for equal weights ``weight`` > 0 with the disjoint mean (normalize): the same
+    operations in the same order, without the branches the general loop carries for unequal
+    weights and the disjoint sum (about a fifth sooner)."""
+    experts, size, block = len(deltas), base.size, 4096
+    one, zero = np.float32(1.0), np.float32(0.0)
+    result = np.empty(block, dtype=np.float32)
+    for start in range(0, size, block):
+        width = min(block, size - start)
+        for j in range(width):
+            i = start + j
+            total = trimmed(deltas[0][i], thresholds[0], weight)  # the sign sum, in model order
+            for e in range(1, experts):
+                total = total + trimmed(deltas[e][i], thresholds[e], weight)
+            sign = one if total >= 0 else -one
+            merged = agreeing(deltas[0][i], thresholds[0], weight, sign)
+            kept = one if merged > 0 else zero
+            for e in range(1, experts):
+                flipped = agreeing(deltas[e][i], thresholds[e], weight, sign)
+                merged = merged + flipped
+                kept = kept + (one if flipped > 0 else zero)
+            result[j] = (merged * sign + zero) / ((kept if kept > one else one) * weight)  # max(kept, 1)
+        if lam != 1.0:
+            for j in range(width):
+                result[j] = result[j] * lam
+        for j in range(width):
+            out[start + j] = result[j] + base[start + j]

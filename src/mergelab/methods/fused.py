@@ -71,7 +71,8 @@ def _likely_buckets(expert: np.ndarray, base: np.ndarray, k: int) -> tuple[int, 
     from an evenly spaced sample of τ: the sample's quantiles a few standard errors either side
     of 1 − k/n. A wrong guess costs time (pass 2), never a different result."""
     step = max(1, expert.size // SAMPLE)
-    sample = np.abs(expert[::step] - base[::step])  # (≤ SAMPLE,)
+    sample = np.empty(-(-expert.size // step), dtype=np.float32)  # (≤ SAMPLE,)
+    compiled("_fused_kernels").sample_magnitudes(expert, base, step, sample)
     m = sample.size
     quantile = 1.0 - k / expert.size
     margin = 4.0 * (quantile * (1.0 - quantile) / m) ** 0.5 + 2.0 / m
@@ -81,12 +82,10 @@ def _likely_buckets(expert: np.ndarray, base: np.ndarray, k: int) -> tuple[int, 
 
 
 def _kth_largest_in_bucket(values: np.ndarray, bucket: int, needed: int) -> float:
-    """The ``needed``-th largest of ``values``, non-negative floats whose top 16 bits are all
+    """The ``needed``-th largest of those ``values`` (non-negative floats) whose top 16 bits are
     ``bucket``: by a histogram of their low 16 bits (a bucket holds up to a few percent of a
     tensor; a partial sort of it cost several times more)."""
-    counts = np.bincount(values.view(np.uint32) & 0xFFFF, minlength=1 << 16)
-    rank = int(np.searchsorted(np.cumsum(counts[::-1]), needed))
-    return float(np.uint32((bucket << 16) | ((1 << 16) - 1 - rank)).view(np.float32))
+    return float(np.uint32(compiled("_fused_kernels").kth_in_bucket(values, bucket, needed)).view(np.float32))
 
 
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], density: list[float],
@@ -117,11 +116,15 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], d
             bucket = (1 << 15) - 1 - rank
             above = int(from_top[rank - 1]) if rank > 0 else 0
             if complete and low <= bucket <= high:  # pass 1 kept the bucket's entries: no pass 2
-                values = candidates[:found][(candidates[:found].view(np.uint32) >> 16) == bucket]
+                values = candidates[:found]  # (the window's: kth_in_bucket reads the bucket's among them)
             else:
                 values = bucket_values(delta, bucket, int(counts[bucket]))
             thresholds[index] = max(_kth_largest_in_bucket(values, bucket, k - above), SMALLEST_SUBNORMAL)
     weights = np.asarray(weight, dtype=np.float32)
     equal = len(set(weight)) == 1 and len(weight) < 256
-    combine(tuple(deltas), thresholds, weights, np.float32(lam), normalize, equal, base_flat, deltas[0])
+    if equal and normalize and weights[0] > 0:
+        compiled("_fused_kernels").combine_equal_mean(tuple(deltas), thresholds, weights[0], np.float32(lam),
+                                                      base_flat, deltas[0])
+    else:
+        combine(tuple(deltas), thresholds, weights, np.float32(lam), normalize, equal, base_flat, deltas[0])
     return tensors[0]
