@@ -145,7 +145,8 @@ def _score_pairs(model, pairs: list[Pair], pad_id: int, max_length: int, device)
         # projection a fifth of a small model's work.
         keep = scored.any(0).nonzero().squeeze(1)  # (U,) positions, ascending
         logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, **options).logits
-        picked = logits[scored[:, keep]]  # (K, V), rows in the order of scored's True entries
+        full = logits.shape[1] == input_ids.shape[1] != keep.numel()  # a model that takes it but ignores it
+        picked = logits[:, :-1][scored] if full else logits[scored[:, keep]]  # (K, V), in scored's order
     else:
         logits = model(input_ids=input_ids, attention_mask=attention, **options).logits  # (B, L, V)
         picked = logits[:, :-1][scored]  # (K, V): only the scored positions
