@@ -84,17 +84,18 @@ def measure(paths: list[str], threads: str, repeats: int, preimport: bool) -> di
     started = time.perf_counter()
     weights = fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
     result["first_s"] = time.perf_counter() - started
-    warm = []
+    warm, warm_cpu = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         fewshot_weights(paths, EXAMPLES, temperature=5.0, threads=threads_value)
         warm.append(time.perf_counter() - started)
+        warm_cpu.append(time.process_time() - started_cpu)  # steadier than wall time on a shared machine
     import resource
 
     from mergelab.loading import model_params
     from mergelab.threads import resolve_threads
 
-    result.update(warm_s=min(warm), warm_runs=warm, weights=weights,
+    result.update(warm_s=min(warm), warm_runs=warm, warm_cpu_s=min(warm_cpu), weights=weights,
                   auto_threads=resolve_threads(threads_value, model_params(paths[0])),
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
@@ -137,7 +138,7 @@ def main() -> None:
             rows.append(row)
             print(f"neighbour {row['neighbour']:4}  threads={args.threads} (-> {cold['auto_threads']}):  "
                   f"first call {cold['first_s']:.2f} s, warm {cold['warm_s']:.2f} s "
-                  f"(runs {[round(t, 2) for t in cold['warm_runs']]});  import transformers "
+                  f"(runs {[round(t, 2) for t in cold['warm_runs']]}, {cold['warm_cpu_s']:.2f} CPU s);  import transformers "
                   f"{split['import_transformers_s']:.2f} s + setup {split['transformers_first_load_setup_s']:.2f} s, "
                   f"first after them {split['first_s']:.2f} s, warm {split['warm_s']:.2f} s;  "
                   f"from mergelab.cocktail import fewshot_weights {cold['import_mergelab_s']:.2f} s, "
