@@ -233,9 +233,8 @@ def _refill(model, path: Path) -> bool:
 
     A tensor stored in the model's dtype, for a model on the CPU, becomes a copy-on-write view of
     the file's pages (safetensors maps it) instead of a copy: the forward pass reads the page
-    cache directly, and the 4 bytes a parameter of a copy cost per refill (a quarter of a
-    27M-parameter candidate's loss) are not paid. The parameter objects stay, so tied weights
-    stay tied."""
+    cache directly, and the copy (about a quarter of a 27M-parameter candidate's loss time) is
+    not paid. The file is never written. The parameter objects stay, so tied weights stay tied."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
