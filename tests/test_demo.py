@@ -56,3 +56,30 @@ def test_a_bad_out_through_the_console_script(tmp_path):
                               timeout=300)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_merge_equal_to_a_world_model_gets_its_recorded_scores_without_being_scored(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import perturbed, save_model
+
+    from mergelab.demo.studies import score_all, weights_digest
+    from mergelab.demo.world import World
+    from mergelab.lm import tiny_llama
+
+    base = tiny_llama(seed=0)
+    root = tmp_path / "world"
+    save_model(base, root / "models" / "base")
+    shutil.copytree(root / "models" / "base", tmp_path / "copy")
+    save_model(perturbed(base, seed=1), tmp_path / "other")
+    assert weights_digest(tmp_path / "copy") == weights_digest(root / "models" / "base")
+    assert weights_digest(tmp_path / "other") != weights_digest(root / "models" / "base")
+
+    recorded = {"copy": 0.25, "add": 0.5}  # what the world's build measured for its base
+    world = World(root, None, scores={"base": recorded})
+    scored = []
+    monkeypatch.setattr("mergelab.demo.studies.evaluate_models", lambda dirs, *a, **k: scored.append(dirs) or [])
+    monkeypatch.setattr("mergelab.demo.studies.test_tasks", lambda path: ())
+    assert score_all(tmp_path / "copy", world) == recorded and not scored
+    score_all(tmp_path / "other", world)
+    assert scored == [[tmp_path / "other"]]

@@ -84,6 +84,8 @@ def sfa_lm_spec(world, out: Path, steps: int = 150, seed: int = 0, every_method:
     batches and the training's randomness; the base model is the world's). ``every_method``
     False keeps only the methods a verdict weighs (sequential, SFA, L2, multitask): the demo's
     other seeds run those, so its budget holds."""
+    from mergelab.demo.world import EVAL_BATCH
+
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     tasks, evaluation = [], []
@@ -103,7 +105,7 @@ def sfa_lm_spec(world, out: Path, steps: int = 150, seed: int = 0, every_method:
                     {"method": "multitask", "scale": MULTITASK_SCALE},
                     *([{"method": "task_arithmetic", "parameters": {"lambda": 0.5}},
                        {"method": "ties", "parameters": {"density": 0.5}}] if every_method else [])],
-        "steps": steps, "batch_size": 32, "lr": 0.002, "seed": seed, "threads": 1,
+        "steps": steps, "batch_size": 32, "lr": 0.002, "seed": seed, "threads": 1, "eval_batch_size": EVAL_BATCH,
     }
 
 
@@ -113,6 +115,7 @@ def demo_spec(world, n_experts=(2, 4), seeds=(0, 1), methods=None):
     registry methods and presets, with the demo's parameters). Each expert carries its train
     split, the data of the data-aware methods."""
     from mergelab.demo.modern import SEED_FOUR, grid_methods
+    from mergelab.demo.world import EVAL_BATCH
     from mergelab.experiments import GridSpec
 
     return GridSpec(
@@ -121,7 +124,7 @@ def demo_spec(world, n_experts=(2, 4), seeds=(0, 1), methods=None):
                  for name, path in world.experts.items()],
         methods=grid_methods(SEED_FOUR if methods is None else methods),
         n_experts=list(n_experts), seeds=list(seeds), tasks=str(world.tasks_file("test")),
-        multitask=str(world.multitask), batch_size=64,
+        multitask=str(world.multitask), batch_size=EVAL_BATCH,
     )
 
 
@@ -158,6 +161,9 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
     from mergelab.experiments import run_grid
     from mergelab.outdir import check_output_dir
     from mergelab.parallel import check_workers, worker_pool
+    from mergelab.studies.digits import digits_configs as configs_of_digits
+    from mergelab.studies.digits import digits_units as units_of_digits
+    from mergelab.studies.digits import run_seed, write_digits_experiment
 
     hf_logging.disable_progress_bar()
     workers = check_workers(workers)
@@ -178,7 +184,10 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
             f"worker{'s' * (workers > 1)})")
         digits_config = dict(seeds=SEEDS, sfa_beta=(0.5,), l2_lambda=(0.1,), ewc_lambda=(1e3,)) if quick else \
             dict(seeds=SEEDS)  # 3 seeds as every other part (not the study's 5), so the demo keeps its budget
-        digits = pool.submit(timed, run_digits_experiment_here, out / "sfa-digits", **digits_config)
+        # one unit per (scenario, seed), queued first: from nothing they fill the core that the
+        # world's base (trained alone) leaves idle
+        digits_configs = configs_of_digits(**digits_config)
+        digits = [pool.submit(timed_result, run_seed, *unit) for unit in units_of_digits(digits_configs)]
 
         tick = part("world", "building (or reusing) the demo world")
         world = build_world(WorldSettings(**QUICK_WORLD) if quick else WorldSettings(), cache=cache, log=log,
@@ -224,7 +233,10 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
         results["sfa_lm"] = {"seeds": [json.loads((out / sfa_lm_dir(seed) / "results.json").read_text())
                                        for seed in SEEDS]}
         log(f"[sfa] done ({results['seconds']['sfa_lm']:.0f} s of work)")
-        results["seconds"]["sfa_digits"] = digits.result()
+        digit_runs = [unit.result() for unit in digits]
+        results["seconds"]["sfa_digits"] = sum(seconds for seconds, _ in digit_runs)
+        write_digits_experiment(out / "sfa-digits", digits_configs, [run for _, run in digit_runs],
+                                results["seconds"]["sfa_digits"], force=True, quiet=True)
         results["sfa_digits"] = json.loads((out / "sfa-digits" / "results.json").read_text())
         log(f"[digits] done ({results['seconds']['sfa_digits']:.0f} s of work)")
 
@@ -242,11 +254,11 @@ def timed(fn: Callable, *args, **kwargs) -> float:
     return time.perf_counter() - tick
 
 
-def run_digits_experiment_here(out: Path, **config) -> None:
-    """Split digits as one unit of work: every seed in this process."""
-    from mergelab.studies.digits import run_digits_experiment
-
-    run_digits_experiment(out, force=True, quiet=True, workers=1, **config)
+def timed_result(fn: Callable, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, ``fn``'s result): a unit of work whose result the demo keeps."""
+    tick = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - tick, result
 
 
 def sfa_lm_dir(seed: int) -> str:

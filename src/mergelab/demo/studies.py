@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import random
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from statistics import mean
 from typing import Callable
 
 from mergelab.cocktail import alpha_sweep, cocktail
-from mergelab.demo.world import World
+from mergelab.demo.world import EVAL_BATCH, World
 from mergelab.evaluate import evaluate_models
 from mergelab.parallel import WorkerPool, worker_pool
 
@@ -23,9 +24,47 @@ FEW_SHOT = (5, 50, 100)
 
 
 def score_all(model_dir: Path, world: World) -> dict[str, float]:
-    """Test score of one model directory on every world task."""
-    return {r["task"]: r["score"] for r in evaluate_models([model_dir], world.tasks("test"), batch_size=64,
-                                                           progress=False)}
+    """Test score of one model directory on every world task. A merge whose weights are those of
+    a world model, bit for bit (the α sweep's ends: α = 0 is the base, α = 1 the expert), gets
+    that model's scores, measured when the world was built, instead of being scored again."""
+    known = _world_digests(world.root).get(weights_digest(model_dir))
+    if known is not None:
+        return dict(world.scores[known])
+    return {r["task"]: r["score"] for r in evaluate_models([model_dir], test_tasks(world.tasks_file("test")),
+                                                           batch_size=EVAL_BATCH, progress=False)}
+
+
+def weights_digest(model_dir: Path) -> str:
+    """A digest of a model directory's tensors (names, dtypes, shapes and bytes), not of its files."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha1()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, "pt") as tensors:
+            for name in sorted(tensors.keys()):
+                tensor = tensors.get_tensor(name).contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _world_digests(root: Path) -> dict[str, str]:
+    """``{weights digest: model name}`` of a world's models (once per process)."""
+    from mergelab.demo.world import World, world_models
+
+    return {weights_digest(path): name for name, path in world_models(World(root, None)).items()}
+
+
+@lru_cache(maxsize=4)
+def test_tasks(tasks_file: Path):
+    """The world's tasks, read once per process (every unit of work scores on the same ones)."""
+    from mergelab.evaluate import load_tasks
+
+    return tuple(load_tasks(tasks_file))
 
 
 def split_scores(scores: dict[str, float], target: str) -> dict[str, float]:

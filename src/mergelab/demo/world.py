@@ -31,6 +31,10 @@ from mergelab.outdir import atomic_directory
 from mergelab.parallel import WorkerPool, worker_pool
 
 WORLD_VERSION = 1  # bump when tasks or training change, so stale caches are not reused
+# Rows per forward pass when a world model is scored: a whole task (200 examples, 2-4 options) in
+# one or a few batches. Fewer, larger passes cost the tiny models less; the predictions are those
+# of batch 64 (checked on every model of the demo world and on merges of it, benchmarks/README.md).
+EVAL_BATCH = 256
 
 # The scale study's model sizes (docs/scale-study.md): hidden, layers, heads, intermediate. `medium`
 # is the demo world's model; `tiny` and `mini` are for the quick (smoke) study only.
@@ -346,7 +350,8 @@ def score_model(model_dir: Path, tasks_file: Path) -> dict[str, float]:
     """One model's test score on every task of a tasks file."""
     from mergelab.evaluate import evaluate_models
 
-    return {r["task"]: r["score"] for r in evaluate_models([model_dir], tasks_file, progress=False, batch_size=64)}
+    return {r["task"]: r["score"] for r in evaluate_models([model_dir], tasks_file, progress=False,
+                                                           batch_size=EVAL_BATCH)}
 
 
 def forgetting_table(world: World) -> str:

@@ -125,7 +125,7 @@ def run_split_digits(config: DigitsConfig | None = None, log: Callable[[str], No
     started = time.perf_counter()
     with worker_pool(workers) as pool:
         return collect_seeds(config, pool.imap(run_seed, [(config, seed, log is not None, workdir)
-                                                          for seed in config.seeds]), started)
+                                                          for seed in config.seeds]), time.perf_counter() - started)
 
 
 def run_seed(config: DigitsConfig, seed: int, verbose: bool = False, workdir: Path | None = None) -> dict[str, Any]:
@@ -140,12 +140,12 @@ def run_seed(config: DigitsConfig, seed: int, verbose: bool = False, workdir: Pa
                       log=log, workdir=workdir)
 
 
-def collect_seeds(config: DigitsConfig, per_seed: Iterable[dict[str, Any]], started: float) -> dict[str, Any]:
-    """One scenario's result from its per-seed runs (in seed order)."""
+def collect_seeds(config: DigitsConfig, per_seed: Iterable[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One scenario's result from its per-seed runs (in seed order); ``seconds``: the time it took."""
     per_seed = list(per_seed)
     return {"experiment": "split-digits", "seeds": list(config.seeds), "tasks": per_seed[0]["tasks"],
             "config": _describe(config), "initial": _mean_dicts([r["initial"] for r in per_seed]),
-            "runs": _mean_runs(per_seed), "per_seed": per_seed, "seconds": time.perf_counter() - started}
+            "runs": _mean_runs(per_seed), "per_seed": per_seed, "seconds": seconds}
 
 
 def _describe(config: DigitsConfig) -> dict[str, Any]:
@@ -240,24 +240,43 @@ def run_digits_experiment(out_dir: str | Path, force: bool = False, quiet: bool 
     Example:
         >>> run_digits_experiment("sfa-digits")  # doctest: +SKIP
     """
-    from mergelab.continual.report import save_plane_figure, stream_table, write_json, write_outputs
     from mergelab.io import check_output_dir
 
     check_output_dir(out_dir, force)  # fail before the work, not after
     if not isinstance(workers, WorkerPool):
         workers = check_workers(workers)
-    log = (lambda _: None) if quiet else print
     started = time.perf_counter()
-    configs = {scenario: DigitsConfig(scenario=scenario, **config) for scenario in scenarios}
-    units = [(configs[scenario], seed, not quiet) for scenario in scenarios for seed in configs[scenario].seeds]
-    results = {}
+    configs = digits_configs(scenarios, **config)
     with worker_pool(workers) as pool:
-        runs = pool.imap(run_seed, units)
-        for scenario, scenario_config in configs.items():
-            log(f"split digits, {scenario}-incremental")
-            results[scenario] = collect_seeds(scenario_config, (next(runs) for _ in scenario_config.seeds), started)
-            results[scenario]["comparison"] = compare_families(results[scenario])
-    seconds = time.perf_counter() - started
+        runs = list(pool.imap(run_seed, [(*unit, not quiet) for unit in digits_units(configs)]))
+    return write_digits_experiment(out_dir, configs, runs, time.perf_counter() - started, force, quiet)
+
+
+def digits_configs(scenarios: tuple[str, ...] = ("class", "domain"), **config: Any) -> dict[str, DigitsConfig]:
+    """One ``DigitsConfig`` per scenario (``config``: its fields, e.g. ``seeds``)."""
+    return {scenario: DigitsConfig(scenario=scenario, **config) for scenario in scenarios}
+
+
+def digits_units(configs: dict[str, DigitsConfig]) -> list[tuple[DigitsConfig, int]]:
+    """The experiment's units of work, ``(config, seed)`` for ``run_seed``, scenario by scenario: a
+    caller with its own worker pool (the demo) submits them beside its other work."""
+    return [(config, seed) for config in configs.values() for seed in config.seeds]
+
+
+def write_digits_experiment(out_dir: str | Path, configs: dict[str, DigitsConfig], runs: list[dict[str, Any]],
+                            seconds: float, force: bool = False, quiet: bool = False) -> Path:
+    """Collect ``run_seed``'s results (in ``digits_units``'s order) per scenario and write
+    ``results.json``, ``results.md`` and the figures into ``out_dir`` (all or nothing)."""
+    from mergelab.continual.report import save_plane_figure, stream_table, write_json, write_outputs
+
+    log = (lambda _: None) if quiet else print
+    runs = iter(runs)
+    results = {}
+    for scenario, scenario_config in configs.items():
+        log(f"split digits, {scenario}-incremental")
+        results[scenario] = collect_seeds(scenario_config, [next(runs) for _ in scenario_config.seeds], seconds)
+        results[scenario]["comparison"] = compare_families(results[scenario])
+    scenarios = list(configs)
     lines = ["# Split digits (sklearn load_digits; task A = even, task B = odd digits)\n",
              f"{seconds:.0f} s in all. Scores: test accuracy, mean over seeds {list(results[scenarios[0]]['seeds'])}"
              f" (± population std of the final score).\n"]
