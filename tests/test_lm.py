@@ -89,3 +89,28 @@ def test_batched_split_encoding_equals_one_pair_at_a_time(byte_bpe):
     context, whole = byte_bpe("cop")["input_ids"], byte_bpe("copy")["input_ids"]
     assert whole[: len(context)] != context
     assert split_encode_many(byte_bpe, []) == []
+
+
+def test_the_training_encoder_keeps_each_examples_ids_and_gives_the_one_pair_at_a_time_batches(byte_bpe):
+    from mergelab.lm import Encoder
+
+    def one_at_a_time(tokenizer, examples):  # the definition: split_encode per example, EOS, right padding
+        rows = []
+        for example in examples:
+            prompt, answer = split_encode(tokenizer, example["input"], example["output"])
+            rows.append((prompt, answer + [tokenizer.eos_token_id]))
+        width = max(len(p) + len(a) for p, a in rows)
+        return {"input_ids": [p + a + [tokenizer.pad_token_id] * (width - len(p) - len(a)) for p, a in rows],
+                "labels": [[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in rows],
+                "attention_mask": [[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in rows]}
+
+    examples = make_examples("copy", 40, seed=3) + make_examples("sort", 40, seed=4) + [
+        {"input": "cop", "output": "y"}]  # a boundary the whole string tokenizes differently
+    for tokenizer in (byte_bpe, build_tokenizer()):
+        encoder, drawn = Encoder(tokenizer), set()
+        for draw in (examples[:7], examples[5:60], examples[::-3], examples[:7], [examples[-1]] * 3):
+            drawn |= {(e["input"], e["output"]) for e in draw}
+            expected = one_at_a_time(tokenizer, draw)
+            for batch in (encoder(draw), encode(tokenizer, draw)):
+                assert {k: v.tolist() for k, v in batch.items()} == expected
+        assert len(encoder.ids) == len(drawn)  # each distinct pair tokenized once, then kept

@@ -27,7 +27,7 @@ from mergelab.continual.stream import Harness, StreamTask, run_stream
 from mergelab.devices import check_device
 from mergelab.config import read_records
 from mergelab.errors import MergelabError
-from mergelab.lm import SKILLS, answer_accuracy, build_tokenizer, causal_lm_loss, encode, make_examples, tiny_llama
+from mergelab.lm import SKILLS, answer_accuracy, build_tokenizer, causal_lm_loss, Encoder, make_examples, tiny_llama
 from mergelab.threads import Threads, check_threads
 
 Evaluator = Callable[[torch.nn.Module, Any, list[StreamTask]], dict[str, float]]
@@ -112,9 +112,10 @@ def evaluate_tasks_evaluator(spec: StreamSpec, tasks: list[StreamTask]) -> Evalu
 
 def lm_harness(tokenizer, tasks: list[StreamTask], device: str,
                evaluate: Callable[[torch.nn.Module, int], dict]) -> Harness:
+    encoder = Encoder(tokenizer)  # every example tokenized once for the whole stream
     return Harness(
         loss=causal_lm_loss,
-        collate=lambda examples: {k: v.to(device) for k, v in encode(tokenizer, examples).items()},
+        collate=lambda examples: {k: v.to(device) for k, v in encoder(examples).items()},
         evaluate=evaluate,
     )
 
