@@ -55,3 +55,22 @@ def test_an_interrupted_build_resumes_from_its_finished_models_and_builds_the_sa
     for name in first:
         for tensor in first[name]:
             assert first[name][tensor].equal(again[name][tensor]), (name, tensor)
+
+
+@pytest.mark.slow
+def test_an_instruction_world_takes_the_cached_plain_worlds_base_which_it_would_train_bit_for_bit(tmp_path):
+    from dataclasses import replace
+
+    instruction = replace(TINY_WORLD, base_kind="instruction", instruction_steps=5)
+    alone = build_world(instruction, cache=tmp_path / "alone", log=lambda *_: None, workers=1)  # trains its own
+
+    shared = tmp_path / "shared"
+    build_world(TINY_WORLD, cache=shared, log=lambda *_: None, workers=1)
+    logs: list[str] = []
+    reused = build_world(instruction, cache=shared, log=logs.append, workers=1)
+    assert any("taken from the cached plain world" in line for line in logs)
+    assert reused.scores == alone.scores
+    for name in ("base-general", "base", "multitask"):
+        first = load_file(alone.root / "models" / name / "model.safetensors")
+        again = load_file(reused.root / "models" / name / "model.safetensors")
+        assert all(first[t].equal(again[t]) for t in first), name

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -271,10 +271,16 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], ke
     def keep(path: Path) -> Path | None:
         return kept / path.relative_to(world.root) if kept is not None else None
 
-    seconds = pool.submit(train_world_model, world, None, first, general, settings.base_steps,
-                          settings.base_lr, settings.seed, shares, keep(first)).result()
-    log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)})"
-        + (f" and {settings.pretrain_share:.0%} of each held-in task" if shares else "") + f", {seconds:.0f} s")
+    plain_base = _cached_plain_base(settings, kept.parent) if kept is not None else None
+    if plain_base is not None:  # the same settings, seeds and data: the same bits, without the hour a large one takes
+        shutil.copytree(plain_base, first)
+        log(f"  base: {settings.base_steps} steps on the general mixture, taken from the cached plain world "
+            f"({plain_base.parent.parent.name}), which trained it with the same settings and seeds")
+    else:
+        seconds = pool.submit(train_world_model, world, None, first, general, settings.base_steps,
+                              settings.base_lr, settings.seed, shares, keep(first)).result()
+        log(f"  base: {settings.base_steps} steps on the general mixture ({', '.join(general)})"
+            + (f" and {settings.pretrain_share:.0%} of each held-in task" if shares else "") + f", {seconds:.0f} s")
     if settings.base_kind == "instruction":  # the FLAN analogue: instructions, with the general mixture kept
         mixture = [t.name for t in INSTRUCTION_TASKS] + general
         seconds = pool.submit(train_world_model, world, first, world.base, mixture, settings.instruction_steps,
@@ -291,6 +297,17 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], ke
     for (label, names, steps, _, _), seconds in zip(units, runs):
         what = "all held-in tasks" if label == "multitask" else f"'{names[0]}'"
         log(f"  {label}: {steps} steps on {what}, {seconds:.0f} s")
+
+
+def _cached_plain_base(settings: WorldSettings, cache: Path) -> Path | None:
+    """For an instruction world, the base of the cached plain world with the same settings: the
+    instruction world's general base is trained exactly as that one (same data, seeds and steps),
+    so it is that base bit for bit. None for other base kinds or when that world is not cached."""
+    if settings.base_kind != "instruction":
+        return None
+    defaults = {f.name: f.default for f in fields(settings) if f.name in _FAMILY_FIELDS and f.name != "size"}
+    plain = cache / f"world-{replace(settings, **{**defaults, 'base_kind': 'plain'}).key()}"
+    return plain / "models" / "base" if (plain / "world.json").is_file() else None
 
 
 def train_world_model(world: World, start: Path | None, out: Path, tasks: list[str], steps: int, lr: float,
