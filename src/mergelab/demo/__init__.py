@@ -196,12 +196,12 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
         results["seconds"]["world"] = time.perf_counter() - tick
 
         log(f"[sfa] SFA on the demo LM: learn {' then '.join(SFA_TASKS)}, {len(SEEDS)} seeds, beside the other parts")
-        sfa_lm = []
+        specs = {}  # every seed's inputs written before any seed runs: the seeds share the data files
         for seed in SEEDS:  # seed 0 in sfa-lm (its table and task plane in the report), the others beside it
-            spec = sfa_lm_spec(world, out / "sfa-inputs", steps=20 if quick else 150, seed=seed,
-                               every_method=seed == SEEDS[0])
-            (out / "sfa-inputs" / f"spec-seed{seed}.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
-            sfa_lm.append(pool.submit(timed, run_spec_here, spec, out / sfa_lm_dir(seed)))
+            specs[seed] = sfa_lm_spec(world, out / "sfa-inputs", steps=20 if quick else 150, seed=seed,
+                                      every_method=seed == SEEDS[0])
+            (out / "sfa-inputs" / f"spec-seed{seed}.yml").write_text(yaml.safe_dump(specs[seed], sort_keys=False))
+        sfa_lm = [pool.submit(timed, run_spec_here, specs[seed], out / sfa_lm_dir(seed)) for seed in SEEDS]
 
         tick = part("methods", "every merge method on base + three experts")
         results["methods"] = every_method_study(world, out / "methods", log, workers=pool)
