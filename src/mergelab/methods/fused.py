@@ -42,9 +42,9 @@ def compiled(module: str):
 
 
 def _kernels():
-    """TIES's compiled loops, or None without numba."""
+    """TIES's compiled passes over the task vectors (histogram, bucket values), or None without numba."""
     kernels = compiled("_fused_kernels")
-    return None if kernels is None else (kernels.delta_histogram, kernels.bucket_values, kernels.combine)
+    return None if kernels is None else (kernels.delta_histogram, kernels.bucket_values)
 
 
 def available() -> bool:
@@ -94,7 +94,7 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], d
     torch kernel's result. Overwrites ``tensors`` (the result lives in the first one's buffer)."""
     from mergelab.methods.sparsify import SMALLEST_SUBNORMAL
 
-    delta_histogram, bucket_values, combine = _kernels()
+    delta_histogram, bucket_values = _kernels()
     base_flat = base.reshape(-1).numpy()
     deltas = [t.reshape(-1).numpy() for t in tensors]
     thresholds = np.zeros(len(deltas), dtype=np.float32)
@@ -120,11 +120,19 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], d
             else:
                 values = bucket_values(delta, bucket, int(counts[bucket]))
             thresholds[index] = max(_kth_largest_in_bucket(values, bucket, k - above), SMALLEST_SUBNORMAL)
+    consensus_combine(deltas, thresholds, weight, lam, normalize, base_flat)
+    return tensors[0]
+
+
+def consensus_combine(deltas: list[np.ndarray], thresholds: np.ndarray, weight: list[float], lam: float,
+                      normalize: bool, base_flat: np.ndarray) -> None:
+    """TIES's sign election and disjoint mean of the task vectors ``deltas`` (each entry kept where
+    |τ| ≥ its model's threshold; −inf keeps all), times λ, plus the base, into ``deltas[0]``. Equal
+    positive weights with the mean take their own loop (no per-entry weight branches)."""
+    kernels = compiled("_fused_kernels")
     weights = np.asarray(weight, dtype=np.float32)
     equal = len(set(weight)) == 1 and len(weight) < 256
     if equal and normalize and weights[0] > 0:
-        compiled("_fused_kernels").combine_equal_mean(tuple(deltas), thresholds, weights[0], np.float32(lam),
-                                                      base_flat, deltas[0])
+        kernels.combine_equal_mean(tuple(deltas), thresholds, weights[0], np.float32(lam), base_flat, deltas[0])
     else:
-        combine(tuple(deltas), thresholds, weights, np.float32(lam), normalize, equal, base_flat, deltas[0])
-    return tensors[0]
+        kernels.combine(tuple(deltas), thresholds, weights, np.float32(lam), normalize, equal, base_flat, deltas[0])

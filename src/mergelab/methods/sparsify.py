@@ -225,18 +225,13 @@ def della_merge(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
         della_kernels.sparsify_rows(expert, base_rows, state, ramp, bool(ramp[0] != ramp[-1]),
                                     rescale is Rescale.KEEP_PROBABILITY, della_kernels.bucket_bits(n))
     deltas = tuple(t.reshape(-1).numpy() for t in tensors)
-    weights = np.asarray(weight, dtype=np.float32)
     base_flat = base.reshape(-1).numpy()
     if consensus:  # TIES's combine with nothing left to trim: a threshold of −inf keeps every entry
-        ties_kernels, no_trim = fused.compiled("_fused_kernels"), np.full(len(deltas), -np.inf, dtype=np.float32)
-        equal = len(set(weight)) == 1 and len(weight) < 256
-        if equal and normalize and weights[0] > 0:  # (as fused.ties: the disjoint mean's own loop)
-            ties_kernels.combine_equal_mean(deltas, no_trim, weights[0], np.float32(lam), base_flat, deltas[0])
-        else:
-            ties_kernels.combine(deltas, no_trim, weights, np.float32(lam), normalize, equal, base_flat, deltas[0])
+        fused.consensus_combine(deltas, np.full(len(deltas), -np.inf, dtype=np.float32), weight, lam, normalize,
+                                base_flat)
     else:
-        della_kernels.weighted_sum(deltas, weights, np.float32(sum(weight)), normalize, np.float32(lam),
-                                   base_flat, deltas[0])
+        della_kernels.weighted_sum(deltas, np.asarray(weight, dtype=np.float32), np.float32(sum(weight)), normalize,
+                                   np.float32(lam), base_flat, deltas[0])
     return tensors[0]
 
 
