@@ -29,6 +29,16 @@ def byte_bpe():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def one_pair(tokenizer, context: str, continuation: str, separator: str = " ") -> tuple[list[int], list[int]]:
+    """The definition of split_encode, one tokenizer call per text: encode the whole and cut at the
+    context's ids; where the whole does not start with them, encode the continuation alone."""
+    context_ids = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + separator + continuation)["input_ids"]
+    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+        return context_ids, whole[len(context_ids):]
+    return context_ids, tokenizer(separator + continuation, add_special_tokens=False)["input_ids"]
+
+
 def labelled(batch: dict[str, torch.Tensor], row: int) -> list[int]:
     labels = batch["labels"][row]
     return labels[labels != -100].tolist()
@@ -86,6 +96,8 @@ def test_batched_split_encoding_equals_one_pair_at_a_time(byte_bpe):
     for separator in (" ", ""):
         assert split_encode_many(byte_bpe, items, separator) == [split_encode(byte_bpe, c, x, separator)
                                                                  for c, x in items]
+        assert [split_encode(byte_bpe, c, x, separator) for c, x in items] == [one_pair(byte_bpe, c, x, separator)
+                                                                               for c, x in items]
     context, whole = byte_bpe("cop")["input_ids"], byte_bpe("copy")["input_ids"]
     assert whole[: len(context)] != context
     assert split_encode_many(byte_bpe, []) == []
@@ -94,10 +106,10 @@ def test_batched_split_encoding_equals_one_pair_at_a_time(byte_bpe):
 def test_the_training_encoder_keeps_each_examples_ids_and_gives_the_one_pair_at_a_time_batches(byte_bpe):
     from mergelab.lm import Encoder
 
-    def one_at_a_time(tokenizer, examples):  # the definition: split_encode per example, EOS, right padding
+    def one_at_a_time(tokenizer, examples):  # the definition: one_pair per example, EOS, right padding
         rows = []
         for example in examples:
-            prompt, answer = split_encode(tokenizer, example["input"], example["output"])
+            prompt, answer = one_pair(tokenizer, example["input"], example["output"])
             rows.append((prompt, answer + [tokenizer.eos_token_id]))
         width = max(len(p) + len(a) for p, a in rows)
         return {"input_ids": [p + a + [tokenizer.pad_token_id] * (width - len(p) - len(a)) for p, a in rows],

@@ -32,11 +32,7 @@ def split_encode(tokenizer, context: str, continuation: str, separator: str = " 
     the boundary natural for BPE/SentencePiece; when the whole does not start with the
     context's ids, the continuation is encoded on its own.
     """
-    context_ids = tokenizer(context)["input_ids"]
-    whole = tokenizer(context + separator + continuation)["input_ids"]
-    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-        return context_ids, whole[len(context_ids):]
-    return context_ids, tokenizer(separator + continuation, add_special_tokens=False)["input_ids"]
+    return split_encode_many(tokenizer, [(context, continuation)], separator)[0]
 
 
 def split_encode_many(tokenizer, items: Sequence[tuple[str, str]], separator: str = " ") -> list[Pair]:
