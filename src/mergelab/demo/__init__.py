@@ -161,9 +161,7 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
     from mergelab.experiments import run_grid
     from mergelab.outdir import check_output_dir
     from mergelab.parallel import check_workers, worker_pool
-    from mergelab.studies.digits import digits_configs as configs_of_digits
-    from mergelab.studies.digits import digits_units as units_of_digits
-    from mergelab.studies.digits import run_seed, write_digits_experiment
+    from mergelab.studies.digits import digits_configs, digits_units, run_seed, write_digits_experiment
 
     hf_logging.disable_progress_bar()
     workers = check_workers(workers)
@@ -186,8 +184,8 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
             dict(seeds=SEEDS)  # 3 seeds as every other part (not the study's 5), so the demo keeps its budget
         # one unit per (scenario, seed), queued first: from nothing they fill the core that the
         # world's base (trained alone) leaves idle
-        digits_configs = configs_of_digits(**digits_config)
-        digits = [pool.submit(timed_result, run_seed, *unit) for unit in units_of_digits(digits_configs)]
+        digits_of = digits_configs(**digits_config)
+        digits = [pool.submit(timed_result, run_seed, *unit) for unit in digits_units(digits_of)]
 
         tick = part("world", "building (or reusing) the demo world")
         world = build_world(WorldSettings(**QUICK_WORLD) if quick else WorldSettings(), cache=cache, log=log,
@@ -235,7 +233,7 @@ def run_demo(out: str | Path = "mergelab-demo", quiet: bool = False, quick: bool
         log(f"[sfa] done ({results['seconds']['sfa_lm']:.0f} s of work)")
         digit_runs = [unit.result() for unit in digits]
         results["seconds"]["sfa_digits"] = sum(seconds for seconds, _ in digit_runs)
-        write_digits_experiment(out / "sfa-digits", digits_configs, [run for _, run in digit_runs],
+        write_digits_experiment(out / "sfa-digits", digits_of, [run for _, run in digit_runs],
                                 results["seconds"]["sfa_digits"], force=True, quiet=True)
         results["sfa_digits"] = json.loads((out / "sfa-digits" / "results.json").read_text())
         log(f"[digits] done ({results['seconds']['sfa_digits']:.0f} s of work)")

@@ -260,7 +260,7 @@ def training_pairs(world: World, names: list[str], shares: dict[str, int] | None
     return [pair for name in names for pair in world.pairs(name, "train")] + extra
 
 
-def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], kept: Path | None = None) -> None:
+def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], kept: Path) -> None:
     settings = world.settings
     held_in = [t.name for t in WORLD_TASKS if t.split == "held_in"]
     general = [t.name for t in WORLD_TASKS if t.split != "held_in"]
@@ -268,10 +268,10 @@ def _train_models(world: World, pool: WorkerPool, log: Callable[[str], None], ke
     if settings.base_kind == "pretrained":  # broad, weak competence on the held-in skills before the experts
         shares = {name: round(settings.pretrain_share * settings.train_examples) for name in held_in}
     first = world.root / "models" / "base-general" if settings.base_kind == "instruction" else world.base
-    def keep(path: Path) -> Path | None:
-        return kept / path.relative_to(world.root) if kept is not None else None
+    def keep(path: Path) -> Path:  # where a finished model is kept until the world is published
+        return kept / path.relative_to(world.root)
 
-    plain_base = _cached_plain_base(settings, kept.parent) if kept is not None else None
+    plain_base = _cached_plain_base(settings, kept.parent)  # (kept lies in the cache directory)
     if plain_base is not None:  # the same settings, seeds and data: the same bits, without the hour a large one takes
         shutil.copytree(plain_base, first)
         log(f"  base: {settings.base_steps} steps on the general mixture, taken from the cached plain world "

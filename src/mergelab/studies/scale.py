@@ -83,6 +83,7 @@ def run_scale_study(out: str | Path, *, quick: bool = False, seeds: Sequence[int
     stopped. ``executor="ray"`` runs the grid cells on Ray (``address``: an existing cluster).
     """
     from mergelab.devices import torch_threads
+    from mergelab.loading import quiet_transformers
     from mergelab.outdir import atomic_directory, check_output_dir
     from mergelab.parallel import check_workers, worker_pool
 
@@ -102,13 +103,11 @@ def run_scale_study(out: str | Path, *, quick: bool = False, seeds: Sequence[int
         for kind in config.base_kinds:
             config.settings(size, kind)
     check_output_dir(out, force)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the study logs its own progress; workers inherit the quiet
     started = time.perf_counter()
     results: dict = {"config": {**asdict(config), "quick": quick}, "worlds": [], "grid": [], "multitask": [],
                      "cocktail": [], "cocktail_experts": [], "sweeps": [], "workers": workers, "executor": executor}
-    with atomic_directory(out, force) as tmp, worker_pool(workers) as pool, torch_threads(1):
+    # the study logs its own progress: transformers' bars off here and in the workers (they inherit it)
+    with quiet_transformers(), atomic_directory(out, force) as tmp, worker_pool(workers) as pool, torch_threads(1):
         for size in config.sizes:
             for kind in config.base_kinds:
                 results_of_world(config, size, kind, results, pool, executor, address, cache, log)
