@@ -217,3 +217,37 @@ def test_figures_name_models_not_paths_and_give_each_method_one_colour(monkeypat
     lines = {c.get_label(): to_hex(c.lines[0].get_color()) for c in held_in.containers}
     assert lines == {"averaging": method_color("averaging"), "ties": method_color("ties")}
     assert to_hex(held_in.lines[-2].get_color()) == method_color("multitask")  # the dashed reference
+
+
+def test_the_demos_budget_cuts_keep_every_verdicts_methods_on_every_seed(tmp_path):
+    """Seeds 1 and 2 of the demo's stream run every method a paper's verdict weighs (sequential,
+    the three SFA settings, L2); the ×4 multitask baseline and the extra baselines run on seed 0
+    alone. The demo's split-digits grid is the study's grid thinned: every setting it runs is one
+    the study runs, and each family keeps its study-best setting (SFA p=.25 β=.4, L2 λ=.1, EWC λ=1e5)."""
+    from mergelab.demo import DIGITS_GRID, sfa_lm_spec
+    from mergelab.studies.digits import DigitsConfig
+
+    class World:  # the spec reads only the data the stream trains and scores on
+        base = tmp_path / "base"
+
+        def pairs(self, name, split):
+            return [{"input": f"{name} 1", "output": "2"}]
+
+        def data_file(self, name, split):
+            return tmp_path / f"{name}.{split}.jsonl"
+
+    def names(spec):
+        return [m if isinstance(m, str) else m["method"] for m in spec["methods"]]
+
+    first, other = (sfa_lm_spec(World(), tmp_path / "inputs", seed=s, every_method=s == 0) for s in (0, 1))
+    assert names(other) == ["sequential", "sfa", "l2"]
+    assert set(names(first)) == {"sequential", "sfa", "l2", "rehearsal", "multitask", "task_arithmetic", "ties"}
+    assert first["methods"][1] == other["methods"][1]  # the same SFA settings on every seed
+
+    def settings(config):
+        return {json.dumps(m.to_dict(), sort_keys=True) for m in config.methods()}
+
+    demo, study = settings(DigitsConfig(**DIGITS_GRID)), settings(DigitsConfig())
+    assert demo < study and len(demo) == 20
+    labels = {m.title for m in DigitsConfig(**DIGITS_GRID).methods()}  # each family's best in the full grid
+    assert {"SFA p=0.25 β=0.4", "L2 λ=0.1", "EWC λ=100000"} <= labels

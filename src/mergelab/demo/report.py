@@ -223,7 +223,8 @@ def sfa_lm_section(result: dict) -> tuple[list[str], list[str]]:
     runs = sfa_lm_summary(per_seed)
     kind = {label: entry["method"]["name"] for label, entry in runs.items()}
     lines = [f"Stream: {' → '.join(tasks)} on the demo world's base model; scores are test accuracy "
-             f"(rank classification), mean ± spread over {len(per_seed)} training seeds:", "",
+             f"(rank classification), mean ± spread over {len(per_seed)} training seeds (a row without a "
+             f"spread ran on seed 0 only):", "",
              f"| method | {tasks[0]} (old) at the end | {tasks[-1]} (new) at the end | average accuracy |",
              "|---|---|---|---|"]
     lines += [f"| {label} | {show(e['old'])} | {show(e['new'])} | {show(e['average'])} |" for label, e in runs.items()]
