@@ -2,7 +2,9 @@
 # The GPU path in one short run: linear, TIES and DARE-TIES merges with --device cuda on the
 # 748M benchmark models, each checked tensor by tensor against the same merge on the CPU
 # (DARE's masks are drawn on the CPU, so they must agree too), then the CUDA timings of
-# bench_merge.py. Writes benchmarks/results/gpu_check.json and benchmarks/results/merge_748m_cuda.json.
+# bench_merge.py; before them, every registered method on the demo world's tiny models
+# (benchmarks/gpu_methods_check.py). Writes benchmarks/results/gpu_methods.json,
+# benchmarks/results/gpu_check.json and benchmarks/results/merge_748m_cuda.json.
 #
 #   bash benchmarks/gpu_check.sh              # needs torch with CUDA and a visible GPU
 #
@@ -17,6 +19,11 @@ import torch
 assert torch.cuda.is_available(), "torch sees no CUDA device: install a CUDA build of torch, check nvidia-smi"
 print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 EOF
+
+# every registered method on tiny models first (seconds): CPU against CUDA, tensor by tensor;
+# WORLD=DIR names a built demo world (else the demo world is built or reused, a few minutes)
+"$PYTHON" benchmarks/gpu_methods_check.py --device cuda ${WORLD:+--world "$WORLD"} \
+    --json benchmarks/results/gpu_methods.json
 
 [ -f benchmarks/data/expert4/model.safetensors.index.json ] || "$PYTHON" benchmarks/make_llama_748m.py
 

@@ -690,6 +690,8 @@ def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, prog
     threads = min(threads or merge_threads(options), max(1, len(jobs)))
     if device.type == "cpu":
         _return_freed_memory()
+    elif threads > 1:
+        _load_linalg(device)
     budget = MemoryBudget(parse_size(options.max_memory) - _resident_bytes(), threads)
     local = threading.local()
     written: list[str] = []
@@ -719,6 +721,17 @@ def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: ShardedWriter, prog
     finally:  # on a failure, Ctrl-C or SIGTERM: drop the queued jobs, let the running ones end
         pool.shutdown(wait=True, cancel_futures=True)
     return written
+
+
+def _load_linalg(device: torch.device) -> None:
+    """Load torch's linear-algebra libraries for ``device`` in this thread. They load lazily on
+    the first call, and on CUDA two worker threads making that call at once fail ("lazy wrapper
+    should be called at most once": RegMean's solve, seen on an H200 with torch 2.11)."""
+    if device.type == "cuda":
+        eye = torch.eye(2, device=device)
+        torch.linalg.solve_ex(eye, eye)
+        torch.linalg.svd(eye)
+        torch.linalg.eigh(eye)
 
 
 _MMAP_THRESHOLD = 4 << 20

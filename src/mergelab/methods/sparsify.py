@@ -50,7 +50,7 @@ def magnitude_threshold(magnitudes: torch.Tensor, k: int) -> float:
     high = magnitudes.view(torch.int16)[1::2].contiguous()  # (n,); a strided view costs bincount twice
     counts = torch.bincount(high, minlength=1 << 15)  # (32768,)
     from_top = counts.flip(0).cumsum(0)
-    rank = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)).item())
+    rank = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype, device=from_top.device)).item())
     bucket = (1 << 15) - 1 - rank
     above = int(from_top[rank - 1].item()) if rank > 0 else 0
     candidates = magnitudes[high == bucket]
