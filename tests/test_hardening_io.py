@@ -109,16 +109,16 @@ def test_overlapping_tensors_never_merge_through_the_cli_or_the_console_script(t
     """The dangerous case of the issue: before, two overlapping tensors merged with exit 0."""
     hostile = tmp_path / "hostile"
     hostile.mkdir()
-    reader = CheckpointReader(world["a"])
-    names = list(reader.tensors)
     header, data, offset = {}, b"", 0
-    for name in names:
-        tensor = reader.get(name)
-        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": {torch.float32: "F32"}[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        data += raw
-        offset += len(raw)
+    with CheckpointReader(world["a"]) as reader:
+        names = list(reader.tensors)
+        for name in names:
+            tensor = reader.get(name)
+            raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+            header[name] = {"dtype": {torch.float32: "F32"}[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + len(raw)]}
+            data += raw
+            offset += len(raw)
     # The last tensor now points at the bytes of the one before it (same size).
     sizes = {n: header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names}
     twin = next(n for n in names[-2::-1] if sizes[n] == sizes[names[-1]])
@@ -451,17 +451,28 @@ def test_file_size_limit_in_a_real_process_gives_one_error_line(tmp_path, world)
 
 
 # -- reader lifetime --------------------------------------------------------------------------
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_files_under(*roots: Path) -> list[str]:
+    """The files under ``roots`` that this process holds open. (Counting every descriptor was
+    flaky: another test's leftover thread or pool may open or close one of its own meanwhile.)"""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed between the listing and the read
+            continue
+        if any(target.startswith(str(root)) for root in roots):
+            held.append(target)
+    return held
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_readers_close_every_file_on_every_path(tmp_path, world):
-    before = _open_fds()
+    roots = (Path(world["a"]).parent, tmp_path)  # the input models and every output
+    assert _open_files_under(*roots) == []
     config = linear_config(tmp_path, world["a"], world["c"])  # c is sharded
     for index in range(20):
         mergelab.merge(config, tmp_path / f"out{index}", quiet=True, threads=4)
     for index in range(5):  # a check that fails after the readers were opened (the output exists)
         with pytest.raises(MergelabError, match="already exists"):
             mergelab.merge(config, tmp_path / f"out{index}", quiet=True)
-    assert _open_fds() == before
+    assert _open_files_under(*roots) == []
