@@ -19,8 +19,8 @@ from mergelab.lm import tiny_llama
 
 
 def state(path) -> dict[str, torch.Tensor]:
-    reader = CheckpointReader(path)
-    return {name: reader.get(name) for name in reader.tensors}
+    with CheckpointReader(path) as reader:
+        return {name: reader.get(name) for name in reader.tensors}
 
 
 def load(path):

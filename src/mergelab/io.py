@@ -278,6 +278,15 @@ class CheckpointReader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # A reader that is dropped without close() (a caller's loop over many models) must not
+        # keep its descriptors until the process ends: they are raw os.open handles.
+        if getattr(self, "_handles", None):
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. at interpreter exit)
+                pass
+
     # -- listing -------------------------------------------------------------------------
     def _read_config(self) -> dict | None:
         config_path = self.path / "config.json" if self.path.is_dir() else None
