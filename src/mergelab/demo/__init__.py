@@ -26,7 +26,7 @@ SEEDS = (0, 1, 2)  # every LM result with a verdict is a mean over these (traini
 # world (seed 0; add / sub at the end): sequential .42 / .71; multitask ×1 .52 / .455, ×2 .705 / .535,
 # ×3 .78 / .61, ×4 .93 / .85, the first budget where it is not below sequential on either task.
 MULTITASK_SCALE = 4
-# Split digits in the demo: the study's grid (``mergelab study sfa``: 33 settings, 5 seeds) thinned to 20 settings so
+# Split digits in the demo: the study's grid (``mergelab study sfa``: 32 settings, 5 seeds) thinned to 20 settings so
 # the demo keeps its budget: its outermost values go (β .1 and .9, L2 λ .01 and 3, EWC λ 100 and 3e4), and so does
 # the β sweep at p = 1 (averaging once, at the end), which was below every p < 1 setting in the study.
 DIGITS_GRID = dict(sfa_beta=(0.25, 0.4, 0.6, 0.75), sfa_beta_at_p=(0.25,), l2_lambda=(0.03, 0.1, 0.3, 1.0),
